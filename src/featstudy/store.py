@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featstudy.errors import DataError
+
 FILES = (
     "features.npy",
     "labels.npy",
@@ -36,7 +38,7 @@ FILES = (
 DONE_MARKER = "DONE"
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(DataError):
     """An embedding folder is missing, unfinished or inconsistent."""
 
 
