@@ -1,0 +1,124 @@
+"""``python -m featstudy <overrides>``: Hydra composes ``conf/config.yaml``, then :func:`featstudy.app.run`.
+
+A bad config (unknown group option, unknown or missing key, a value that is not allowed) exits with status 2 and
+one line naming the key and what is allowed; set ``HYDRA_FULL_ERROR=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import featstudy.config  # noqa: F401 - registers the ${abspath:} resolver before Hydra composes
+from featstudy.errors import EXIT_USAGE, FeatstudyError
+
+
+def config_dir() -> str:
+    """``$FEATSTUDY_CONF`` or the repository's ``conf/`` (next to ``src/``)."""
+    env = os.environ.get("FEATSTUDY_CONF")
+    return str(Path(env).absolute()) if env else str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _entry(cfg: DictConfig) -> None:
+    from featstudy.app import run
+    from featstudy.tracking import ui_command
+
+    metrics, objects = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    print(f"[featstudy] figures: {out / 'figures'}   tables: {out / 'tables'}")
+    if cfg.tracking.uri is not None:
+        print(f"[featstudy] browse the runs: {ui_command(str(cfg.tracking.uri))}")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line message for a user-fixable error (Hydra's, OmegaConf's or featstudy's)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, FeatstudyError):
+            return str(e).splitlines()[0]
+    for e in chain:
+        if isinstance(e, MissingConfigException) and getattr(e, "options", None) is not None:
+            missing = str(getattr(e, "missing_cfg_file", "") or "")
+            group = missing.rsplit("/", 1)[0] if "/" in missing else missing
+            option = missing.rsplit("/", 1)[-1]
+            return f"{group}={option}: no such option; allowed: {', '.join(sorted(e.options))}"
+    for e in chain:
+        if isinstance(e, OverrideParseException):
+            msg = str(e).splitlines()[0] if str(e).strip() else "cannot parse"
+            return f"cannot parse override {getattr(e, 'override', '')!r}: {msg}"
+    text = " ".join(str(e) for e in chain)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match and "not in struct" in text:
+        key = match.group(1)
+        add = re.search(r"use (\+\S+)", text)
+        return f"{key}: no such key" + (f" (to add a new key use {add.group(1)})" if add else "")
+    match = re.search(r"Missing mandatory value: (\S+)", text)
+    if match:
+        return f"{match.group(1)}: missing mandatory value; set {match.group(1)}=<value>"
+    lines = [ln.strip() for e in chain for ln in str(e).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    extra = [ln for ln in lines[1:] if ln.startswith(("Key '", "To append", "full_key", "Missing mandatory", "Could not"))]
+    for ln in extra[:2]:
+        if ln not in text:
+            text += " " + ln
+    return text.replace("\n", " ")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (FeatstudyError, HydraException, OmegaConfBaseException)
+
+
+class _QuietJobErrors:
+    """stderr proxy dropping Hydra's "Error executing job with overrides" line (the error is reported once, below)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Error executing job with overrides:"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def main() -> None:
+    """Console entry point (``featstudy`` / ``python -m featstudy``)."""
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so errors are reported here in one line
+    stderr = sys.stderr
+    if not full:
+        sys.stderr = _QuietJobErrors(stderr)
+    try:
+        _entry()
+    except _user_error_types() as exc:
+        if full:
+            raise
+        print(f"featstudy: error: {one_line(exc)}", file=stderr)
+        sys.exit(EXIT_USAGE)
+    finally:
+        sys.stderr = stderr
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The callback base and the shared context the analyses read from.
+
+The context computes each expensive result once, on first use (the real KS, the randomized-label KS and the
+thresholds), so a callback can be dropped (``~analysis.callbacks.ks``) without breaking the ones after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featstudy.store import Embedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CallbackResult:
+    """What one callback produced.
+
+    Attributes
+    ----------
+    metrics : dict
+        Scalar metrics, logged at step 0.
+    series : dict
+        ``name -> (steps, values)`` curves, logged as metric steps.
+    files : list of Path
+        Files written under the output folder; logged as artifacts at their path relative to it.
+    objects : dict
+        Anything tests or callers may want (arrays, result objects); not logged.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+class AnalysisContext:
+    """The embedding, the analysis settings and lazily computed statistics shared by the callbacks.
+
+    Parameters
+    ----------
+    embedding : Embedding
+        The finished, cached embedding (features memory-mapped).
+    analysis : mapping
+        ``cfg.analysis``: ``bins``, ``permutations``, ``seed``, ``layers``, ``chunk_size``.
+    output_dir : Path
+        The run's output folder; callbacks write under it.
+    dataset : str
+        The dataset's name (``cfg.dataset.name``), for tables and titles.
+    extra : dict
+        Anything else the app passes (the embedding handle, the config, other cached embeddings).
+    """
+
+    def __init__(self, embedding: Embedding, analysis: Mapping[str, Any], output_dir: Path, dataset: str,
+                 **extra: Any):
+        self.embedding = embedding
+        self.analysis = analysis
+        self.output_dir = Path(output_dir)
+        self.dataset = dataset
+        self.extra = extra
+        layers = analysis.get("layers")
+        self.columns = embedding.layer_columns(list(layers) if layers is not None else None)
+        self.feature_names = [embedding.feature_names[i] for i in self.columns]
+        self.layer_of_feature = embedding.layer_of_feature[self.columns]
+        self.layers = list(dict.fromkeys(self.layer_of_feature.tolist()))
+        self._cache: dict[str, Any] = {}
+
+    # -- data
+    @property
+    def labels(self) -> np.ndarray:
+        return self.embedding.labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self.embedding.classes
+
+    @property
+    def features(self) -> np.ndarray:
+        """(N, F) features of the analysed layers (the memory map itself when every layer is analysed)."""
+        if "features" not in self._cache:
+            feats = self.embedding.features
+            if len(self.columns) != feats.shape[1]:
+                feats = np.ascontiguousarray(feats[:, self.columns])
+            self._cache["features"] = feats
+        return self._cache["features"]
+
+    def path(self, relative: str) -> Path:
+        """``output_dir / relative`` with its parent folder created."""
+        p = self.output_dir / relative
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # -- statistics, computed once
+    def _timed(self, key: str, fn: Any) -> Any:
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            self._cache[key] = fn()
+            self._cache[f"{key}_seconds"] = time.perf_counter() - t0
+            log.info("%s: %.1f s", key, self._cache[f"{key}_seconds"])
+        return self._cache[key]
+
+    def ks(self) -> Any:
+        """The signed KS of every (feature, class) pair, paper Eq. 3 (:func:`featstudy.stats.signed_ks`)."""
+        from featstudy import stats
+
+        a = self.analysis
+        return self._timed("ks", lambda: stats.signed_ks(self.features, self.labels, bins=a.get("bins"),
+                                                         chunk_size=a.get("chunk_size"), progress=False))
+
+    def d_random(self) -> np.ndarray:
+        """(K, F, C) signed D under ``analysis.permutations`` seeded label permutations (paper §5.4)."""
+        from featstudy import stats
+
+        a = self.analysis
+        return self._timed("ks_random", lambda: np.asarray(stats.signed_ks_random(
+            self.features, self.labels, permutations=int(a.get("permutations", 1)), seed=int(a.get("seed", 0)),
+            bins=a.get("bins"), chunk_size=a.get("chunk_size"), progress=False)))
+
+    def thresholds(self, step: float = 0.001) -> Any:
+        """t+ and t- maximising d_avg (paper Eq. 4, Table 4; :func:`featstudy.stats.thresholds`)."""
+        from featstudy import stats
+
+        key = f"thresholds@{step}"
+        return self._timed(key, lambda: stats.thresholds(self.ks().d, self.d_random(), step=step))
+
+    def seconds(self, key: str) -> float | None:
+        return self._cache.get(f"{key}_seconds")
+
+
+class AnalysisCallback:
+    """One analysis step. Subclasses set ``name`` and implement :meth:`run`."""
+
+    name = "analysis"
+
+    def run(self, ctx: AnalysisContext) -> CallbackResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def instantiate_callbacks(callbacks_cfg: Mapping[str, Any] | None) -> list[tuple[str, AnalysisCallback]]:
+    """Instantiate every ``_target_`` block of ``cfg.analysis.callbacks`` in order; skip entries without one."""
+    from hydra.utils import instantiate
+
+    from featstudy.errors import ConfigError
+
+    out: list[tuple[str, AnalysisCallback]] = []
+    if not callbacks_cfg:
+        return out
+    for name, block in callbacks_cfg.items():
+        if not isinstance(block, Mapping) or "_target_" not in block:
+            log.debug("analysis.callbacks.%s has no _target_; skipped", name)
+            continue
+        try:
+            cb = instantiate(block)
+        except Exception as exc:  # noqa: BLE001 - surfaced as a one-line config error
+            cause = exc.__cause__ or exc
+            raise ConfigError(f"analysis.callbacks.{name}: cannot instantiate {block['_target_']} "
+                              f"({str(cause).splitlines()[0]})") from exc
+        if not isinstance(cb, AnalysisCallback):
+            raise ConfigError(f"analysis.callbacks.{name}: {block['_target_']} is not an AnalysisCallback")
+        cb.name = str(name)
+        log.info("analysis callback %s <%s>", name, block["_target_"])
+        out.append((str(name), cb))
+    return out

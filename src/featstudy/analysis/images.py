@@ -1,0 +1,188 @@
+"""Images for figures 2 and 3: most activating images of a feature, cropped to its receptive field.
+
+The rows of an embedding map back to images through ``paths.txt`` (relative to the dataset root recorded in
+``meta.json``). As in the paper, the most activating images are taken from the ImageNet validation embedding when
+one made by the same network (same feature names, model, weights, crops and pooling) is cached; otherwise from the
+analysed dataset.
+
+Receptive fields: for a conv feature, the crop is the receptive field (paper Fig. 2) of the position where the
+feature's map peaks in the centre crop, computed from the layer geometry (:func:`receptive_fields`) when the network
+can be rebuilt from the embedding's meta (:mod:`featstudy.extraction`); fc features see the whole image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featstudy.store import Embedding, is_complete, load_embedding
+
+log = logging.getLogger(__name__)
+
+THUMB = 96
+
+#: torchvision VGG19 ``features`` in order: ("conv", name) 3x3 stride 1 pad 1, or ("pool", None) 2x2 stride 2.
+VGG19_LAYOUT = [
+    ("conv", "conv1_1"), ("conv", "conv1_2"), ("pool", None),
+    ("conv", "conv2_1"), ("conv", "conv2_2"), ("pool", None),
+    ("conv", "conv3_1"), ("conv", "conv3_2"), ("conv", "conv3_3"), ("conv", "conv3_4"), ("pool", None),
+    ("conv", "conv4_1"), ("conv", "conv4_2"), ("conv", "conv4_3"), ("conv", "conv4_4"), ("pool", None),
+    ("conv", "conv5_1"), ("conv", "conv5_2"), ("conv", "conv5_3"), ("conv", "conv5_4"), ("pool", None),
+]
+
+
+def receptive_fields(layout=VGG19_LAYOUT) -> dict[str, tuple[int, int, float]]:
+    """``layer -> (size, jump, start)``: receptive-field size in input pixels, the stride between neighbouring
+    positions of its map, and the centre of position 0 (standard recursion: r += (k-1)·j, j *= s,
+    start += ((k-1)/2 - p)·j).
+    """
+    size, jump, start = 1, 1, 0.5
+    out = {}
+    for kind, name in layout:
+        k, s, p = (3, 1, 1) if kind == "conv" else (2, 2, 0)
+        size += (k - 1) * jump
+        start += ((k - 1) / 2 - p) * jump
+        jump *= s
+        if name:
+            out[name] = (size, jump, start)
+    return out
+
+
+def rf_box(layer: str, y: int, x: int, image_size: int) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of the receptive field of map position (y, x), clipped to the image."""
+    rf = receptive_fields().get(layer)
+    if rf is None:
+        return None
+    size, jump, start = rf
+    cy, cx = start + y * jump, start + x * jump
+    half = size / 2
+    top, left = max(0, int(round(cy - half))), max(0, int(round(cx - half)))
+    bottom, right = min(image_size, int(round(cy + half))), min(image_size, int(round(cx + half)))
+    return (top, left, bottom, right)
+
+
+def _dataset_meta(meta: dict) -> dict:
+    ds = meta.get("dataset")
+    return ds if isinstance(ds, dict) else {"name": ds}
+
+
+def dataset_name(meta: dict) -> str | None:
+    return _dataset_meta(meta).get("name")
+
+
+def _same_network(a: dict, b: dict) -> bool:
+    for key in ("model", "weights", "weights_tag", "crops", "pooling"):
+        if key in a and key in b and a[key] != b[key]:
+            return False
+    return True
+
+
+def find_imagenet_embedding(emb: Embedding) -> Embedding | None:
+    """A cached ``imagenet_val`` embedding made by the same network as ``emb``, or None."""
+    if dataset_name(emb.meta) == "imagenet_val":
+        return emb
+    root = emb.path.parent
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder == emb.path or not is_complete(folder):
+            continue
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if dataset_name(meta) != "imagenet_val" or not _same_network(meta, emb.meta):
+            continue
+        if (folder / "feature_names.txt").read_text(encoding="utf-8").splitlines() != emb.feature_names:
+            continue
+        return load_embedding(folder)
+    return None
+
+
+def _thumb(img: Any, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    from PIL import Image
+
+    if box is not None:
+        top, left, bottom, right = box
+        img = img.crop((left, top, right, bottom))
+    img = img.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def _center_square(img: Any, size: int) -> Any:
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageSource:
+    """Most activating images of a feature, and the images of the analysed dataset, as small RGB arrays."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.emb: Embedding = ctx.embedding
+        self.source: Embedding = find_imagenet_embedding(self.emb) or self.emb
+        self.from_imagenet = dataset_name(self.source.meta) == "imagenet_val"
+        self.description = ("activating images from the ImageNet validation embedding" if self.from_imagenet
+                            else f"activating images from {ctx.dataset}")
+        self._warned = False
+        self._locator = None
+
+    def _open(self, emb: Embedding, row: int) -> Any | None:
+        from featstudy.analysis import image_io
+
+        img = image_io.open_row(emb, row)
+        if img is None and not self._warned:
+            self._warned = True
+            log.warning("figures 2/3: images of %s cannot be opened (dataset root %s); their cells stay empty",
+                        dataset_name(emb.meta), _dataset_meta(emb.meta).get("root"))
+        return img
+
+    def dataset_image(self, row: int) -> np.ndarray | None:
+        img = self._open(self.emb, row)
+        return None if img is None else _thumb(_center_square(img, 224))
+
+    def top_images(self, feature_name: str, n: int) -> list[np.ndarray | None]:
+        col = self.source.feature_names.index(feature_name)
+        values = np.asarray(self.source.features[:, col])
+        rows = np.argsort(-values, kind="stable")[:n]
+        layer = feature_name.rsplit(":", 1)[0]
+        channel = int(feature_name.rsplit(":", 1)[1])
+        out = []
+        for r in rows:
+            img = self._open(self.source, int(r))
+            if img is None:
+                out.append(None)
+                continue
+            out.append(self._crop(img, layer, channel))
+        return out
+
+    def _crop(self, img: Any, layer: str, channel: int) -> np.ndarray:
+        size = int(self.source.meta.get("crops", {}).get("size", 224)) if isinstance(
+            self.source.meta.get("crops"), dict) else 224
+        square = _center_square(img, size)
+        if layer not in receptive_fields():
+            return _thumb(square)
+        from featstudy.analysis import image_io
+
+        pos = image_io.peak_position(self.source, square, layer, channel)
+        if pos is None:
+            return _thumb(square)
+        return _thumb(square, rf_box(layer, pos[0], pos[1], size))
+
+
+def activation_source(ctx: Any) -> ImageSource:
+    return ImageSource(ctx)
+
+
+@lru_cache(maxsize=1)
+def _vgg_rf_table() -> dict:
+    return receptive_fields()

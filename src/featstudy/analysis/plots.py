@@ -1,0 +1,206 @@
+"""Figure builders shared by the figures callback and the report (matplotlib's object API on Agg, no pyplot).
+
+Every builder takes plain arrays and returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as
+PNG and PDF. Nothing here reads the embedding or talks to MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+#: Paper §5.3: low-level layers (conv1_1 .. conv5_3) against high-level ones (conv5_4 and fc7).
+PAPER_HIGH_LAYERS = ("conv5_4", "fc7")
+REAL_COLOR, RANDOM_COLOR = "black", "red"
+DATASET_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def save_figure(fig: Figure, folder: Path, name: str, formats: Sequence[str] = ("png", "pdf"),
+                dpi: int = 120) -> list[Path]:
+    """Write ``folder/name.<fmt>`` for each format and release the figure; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    paths = []
+    for fmt in formats:
+        path = folder / f"{name}.{fmt}"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        paths.append(path)
+    fig.clear()
+    return paths
+
+
+def split_low_high(layers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(low, high) layer groups: the paper's split when its layer names are present, else the last two layers."""
+    layers = list(layers)
+    high = [name for name in layers if name in PAPER_HIGH_LAYERS]
+    if not high:
+        high = layers[-2:]
+    return [name for name in layers if name not in high], high
+
+
+def mode_interval(values: np.ndarray, lo: float, hi: float, bins: int = 50, mass: float = 0.34
+                  ) -> tuple[float, float, float]:
+    """Mode of ``values`` on a ``bins``-bin histogram over [lo, hi], and the interval holding ``mass`` of the
+    probability on each side of it (paper Figure 5: 68% in all, like mu +- sigma of a normal).
+
+    Returns (nan, nan, nan) for an empty sample.
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    if values.size == 0:
+        return (np.nan, np.nan, np.nan)
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    i = int(np.argmax(counts))
+    mode = 0.5 * (edges[i] + edges[i + 1])
+    at_mode = float(np.mean(values <= mode))
+    low = float(np.quantile(values, max(at_mode - mass, 0.0)))
+    high = float(np.quantile(values, min(at_mode + mass, 1.0)))
+    return (float(mode), low, high)
+
+
+def fig1_histograms(intra: np.ndarray, inter: np.ndarray, title: str, bins: int = 50) -> Figure:
+    """Figure 1: intra- and inter-class density estimates (normalised histograms) of one feature for one class."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    lo = float(min(np.min(intra), np.min(inter)))
+    hi = float(max(np.max(intra), np.max(inter)))
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    ax.hist(inter, bins=edges, density=True, alpha=0.55, color="tab:blue", label=f"inter-class (n={len(inter)})")
+    ax.hist(intra, bins=edges, density=True, alpha=0.55, color="tab:orange", label=f"intra-class (n={len(intra)})")
+    ax.set_xlabel("feature activation")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    return fig
+
+
+def fig_top_features(rows: Sequence[Mapping], title: str) -> Figure:
+    """Figures 2/3: one row per feature, its most activating image crops, then (optional) class samples.
+
+    Each row is a mapping with ``label`` (str), ``images`` (list of HxW[x3] arrays or None) and optionally
+    ``class_images`` and ``class_label``.
+    """
+    n_cols = max((len(r["images"]) + len(r.get("class_images", ())) for r in rows), default=1)
+    fig = Figure(figsize=(1.3 * n_cols + 2.6, 1.45 * max(len(rows), 1)))
+    fig.suptitle(title, fontsize=11)
+    for i, row in enumerate(rows):
+        cells = list(row["images"]) + list(row.get("class_images", ()))
+        for j in range(n_cols):
+            ax = fig.add_subplot(len(rows), n_cols, i * n_cols + j + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(cells) and cells[j] is not None:
+                img = cells[j]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            else:
+                ax.axis("off")
+            if j == 0:
+                ax.set_ylabel(row["label"], rotation=0, ha="right", va="center", fontsize=7)
+            if j == len(row["images"]) and row.get("class_images"):
+                ax.set_title(row.get("class_label", "class samples"), fontsize=7, loc="left")
+                for side in ax.spines.values():
+                    side.set_edgecolor("tab:red")
+    return fig
+
+
+def fig5_modes(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], layers: Sequence[str]) -> Figure:
+    """Figure 5: per layer, the modes of D+ (D > 0) and D- (D < 0) with 68% intervals, one colour per dataset.
+
+    ``per_dataset[name] = (d, layer_of_feature)`` with ``d`` of shape (F, C).
+    """
+    fig = Figure(figsize=(max(6, 0.55 * len(layers) + 2), 4.5))
+    ax = fig.add_subplot()
+    x = np.arange(len(layers))
+    width = 0.8 / max(len(per_dataset), 1)
+    for k, (name, (d, layer_of)) in enumerate(per_dataset.items()):
+        color = DATASET_COLORS[k % len(DATASET_COLORS)]
+        for sign, lo, hi in ((1, 0.0, 1.0), (-1, -1.0, 0.0)):
+            stats = []
+            for layer in layers:
+                vals = d[layer_of == layer]
+                vals = vals[vals > 0] if sign > 0 else vals[vals < 0]
+                stats.append(mode_interval(vals, lo, hi))
+            m = np.array([s[0] for s in stats])
+            err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
+            ax.errorbar(x + (k - (len(per_dataset) - 1) / 2) * width, m, yerr=np.abs(err), fmt="o", ms=3,
+                        capsize=2, color=color, label=name if sign > 0 else None)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=60, fontsize=8)
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("D (mode, 68% interval)")
+    ax.set_title("D+ and D- per layer")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def fig6_distributions(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], layers: Sequence[str],
+                       colors: Mapping[str, str] | None = None, title: str = "", bins: int = 100) -> Figure:
+    """Figures 6/8: distribution of D (% of the group's (feature, class) pairs), low vs high layers."""
+    low, high = split_low_high(layers)
+    groups = [(g, names) for g, names in ((f"{low[0]}-{low[-1]}" if low else "", low),
+                                          ("+".join(high), high)) if names]
+    fig = Figure(figsize=(5.5 * len(groups), 4))
+    edges = np.linspace(-1, 1, bins + 1)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    for gi, (gname, names) in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), gi + 1)
+        for k, (name, (d, layer_of)) in enumerate(per_dataset.items()):
+            vals = d[np.isin(layer_of, names)].ravel()
+            if vals.size == 0:
+                continue
+            counts, _ = np.histogram(vals, bins=edges)
+            color = (colors or {}).get(name, DATASET_COLORS[k % len(DATASET_COLORS)])
+            ax.plot(centers, 100.0 * counts / vals.size, color=color, lw=1.2, label=name)
+        ax.set_xlabel("D")
+        ax.set_ylabel("% of (feature, class) pairs")
+        ax.set_title(gname)
+        ax.set_xlim(-1, 1)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def fig9_counts(grid: np.ndarray, real_counts: np.ndarray, random_counts: np.ndarray, t_plus: float,
+                title: str) -> Figure:
+    """Figure 9: per class, the number of features with D > x; real labels black, randomized red, t+ dashed."""
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    for row in np.asarray(random_counts):
+        ax.plot(grid, row, color=RANDOM_COLOR, lw=0.6, alpha=0.5)
+    for row in np.asarray(real_counts):
+        ax.plot(grid, row, color=REAL_COLOR, lw=0.6, alpha=0.6)
+    ax.plot([], [], color=REAL_COLOR, label="classes")
+    ax.plot([], [], color=RANDOM_COLOR, label="randomized labels")
+    ax.axvline(t_plus, color="tab:blue", ls="--", lw=1.2, label=f"t+ = {t_plus:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("x")
+    ax.set_ylabel("# features with D > x")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def fig10_kept(layers: Sequence[str], kept: Mapping[str, float], kept_random: Mapping[str, float],
+               title: str) -> Figure:
+    """Figure 10: per layer, % of (feature, class) pairs kept by t+/t-; real blue, randomized green."""
+    fig = Figure(figsize=(max(6, 0.5 * len(layers) + 2), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(layers))
+    ax.bar(x - 0.2, [100 * kept[name] for name in layers], width=0.4, color="tab:blue", label="real labels")
+    ax.bar(x + 0.2, [100 * kept_random[name] for name in layers], width=0.4, color="tab:green",
+           label="randomized labels")
+    ax.set_xticks(x)
+    ax.set_xticklabels(layers, rotation=60, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of pairs kept (D > t+ or D < t-)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig

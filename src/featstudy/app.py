@@ -1,0 +1,177 @@
+"""The experiment: config -> cached embedding -> analysis callbacks -> files -> MLflow.
+
+:func:`run` holds no maths and no file format: it wires :mod:`featstudy.extraction` (the embedding),
+:mod:`featstudy.analysis` (the callbacks, which call :mod:`featstudy.stats`) and :mod:`featstudy.tracking`.
+It returns ``(metrics, objects)`` so tests can call it without the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from featstudy import __version__
+from featstudy.config import resolve_paths, validate
+
+log = logging.getLogger(__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (e.g. from SLURM or ``kill``)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+
+def _hydra_runtime() -> Any | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """(run name, sweep parent run id) from Hydra's runtime: children are named after their overrides."""
+    from featstudy.tracking import parent_run_id_from
+
+    hc = _hydra_runtime()
+    if hc is None:
+        return None, None
+    from hydra.types import RunMode
+
+    if hc.mode == RunMode.MULTIRUN:
+        name = hc.job.override_dirname or f"{cfg.task_name} #{hc.job.num}"
+        return f"{cfg.task_name}: {name}"[:250], parent_run_id_from(hc.sweep.dir)
+    return None, None
+
+
+def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
+    """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
+
+    FINISHED once the task returned (so after every artifact is logged), KILLED on SIGINT/SIGTERM, FAILED on any
+    other exception. The ``finally`` ends the run and prints the output folder whatever happened.
+    """
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> tuple[dict, dict]:
+        from featstudy.tracking import Tracker, git_sha
+
+        validate(cfg)
+        resolve_paths(cfg)
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+
+        run_name, parent = _run_identity(cfg)
+        sha = git_sha(Path(__file__).resolve().parent, Path(cfg.paths.root_dir))
+        tags = {"featstudy.version": __version__, "version": __version__,
+                "featstudy.output_dir": str(output_dir), "featstudy.role": "job"}
+        if sha:
+            tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
+        tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags)
+
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        status = "FAILED"
+        t0 = time.perf_counter()
+        try:
+            metrics, objects = task(cfg, tracker)
+            status = "FINISHED"
+            return metrics, objects
+        except KeyboardInterrupt:
+            status = "KILLED"
+            log.error("interrupted: MLflow run marked KILLED")
+            raise
+        except Exception:
+            log.exception("run failed: MLflow run marked FAILED")
+            raise
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            if status == "FINISHED":
+                tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
+            tracker.end(status)
+            print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
+
+    return wrapped
+
+
+def _get_embedding(cfg: DictConfig) -> Any:
+    """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
+    from featstudy.extraction import get_embedding
+
+    return get_embedding(cfg)
+
+
+@task_wrapper
+def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one experiment job.
+
+    Steps: the resolved config is logged (params with dotted keys, ``config.yaml`` artifact); the embedding comes
+    from the cache or is extracted (tag ``embedding_cache``: ``hit``/``miss``); each callback of
+    ``cfg.analysis.callbacks`` runs in order on the ``analysis.layers`` subset, writes its files under
+    ``paths.output_dir`` and then has its metrics, curves and files logged.
+
+    Returns
+    -------
+    metrics : dict
+        Every metric logged.
+    objects : dict
+        ``cfg``, ``embedding`` (handle), ``context``, ``results`` (callback name -> CallbackResult), ``run_id``.
+    """
+    from featstudy.analysis import AnalysisContext, instantiate_callbacks
+    from featstudy.store import load_embedding
+
+    output_dir = Path(cfg.paths.output_dir)
+    tracker.log_config(cfg)
+    tracker.log_artifact(output_dir / "config.yaml")
+    callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
+
+    handle = _get_embedding(cfg)
+    tracker.set_tags({
+        "weights": handle.weights_tag,
+        "dataset": cfg.dataset.name,
+        "embedding_cache": "hit" if handle.hit else "miss",
+        "embedding_key": handle.key,
+        "featstudy.embedding_path": str(handle.path),
+    })
+    log.info("embedding %s (%s) at %s", handle.key, "cache hit" if handle.hit else "extracted", handle.path)
+    embedding = load_embedding(handle.path)
+    shutil.copyfile(Path(handle.path) / "skipped.txt", output_dir / "skipped.txt")
+    tracker.log_artifact(output_dir / "skipped.txt")
+    metrics: dict[str, float] = {"n_skipped_images": float(len(embedding.skipped))}
+    tracker.log_metrics(metrics)
+
+    ctx = AnalysisContext(embedding, cfg.analysis, output_dir, str(cfg.dataset.name), cfg=cfg, handle=handle)
+    results = {}
+    for name, callback in callbacks:
+        t0 = time.perf_counter()
+        result = callback.run(ctx)
+        results[name] = result
+        tracker.log_metrics(result.metrics)
+        for key, (steps, values) in result.series.items():
+            tracker.log_series(key, steps, values)
+        for path in result.files:
+            rel = Path(path).resolve().relative_to(output_dir.resolve())
+            tracker.log_artifact(path, str(rel.parent) if str(rel.parent) != "." else None)
+        metrics.update(result.metrics)
+        log.info("analysis %s: %d metrics, %d files, %.1f s", name, len(result.metrics), len(result.files),
+                 time.perf_counter() - t0)
+    if tracker.broken is not None:
+        log.warning("MLflow uploads failed (%s); every result is in %s", tracker.broken, output_dir)
+    objects = {"cfg": cfg, "embedding": handle, "context": ctx, "results": results,
+               "run_id": getattr(tracker, "run_id", None)}
+    return metrics, objects
