@@ -99,6 +99,7 @@ def prepare_experiment(uri: str, experiment_name: str, artifact_location: str | 
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = normalise_uri(uri)
     check_store(uri)
     with FileLock(str(_lock_path(uri, artifact_location)), timeout=600):
@@ -170,17 +171,25 @@ class Tracker:
         if t.uri is None:
             log.info("tracking.uri=null: MLflow tracking is off; results stay in %s", cfg.paths.output_dir)
             return NullTracker()
-        uri = normalise_uri(str(t.uri))
-        client, exp_id = prepare_experiment(uri, str(t.experiment_name), t.get("artifact_location"))
         all_tags = {str(k): str(v) for k, v in (t.get("tags") or {}).items()}
         all_tags.update(tags or {})
+        name = run_name or t.get("run_name") or str(cfg.task_name)
+        return cls.create(str(t.uri), str(t.experiment_name), t.get("artifact_location"), run_name=name,
+                          tags=all_tags, parent_run_id=parent_run_id)
+
+    @classmethod
+    def create(cls, uri: str, experiment_name: str, artifact_location: str | None, *, run_name: str,
+               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> "Tracker":
+        """Get-or-create the experiment (under a file lock), then create one run in it."""
+        uri = normalise_uri(uri)
+        client, exp_id = prepare_experiment(uri, experiment_name, artifact_location)
+        all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        name = run_name or t.get("run_name") or str(cfg.task_name)
-        run = _retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=name), "create_run")
-        tracker = cls(client, run.info.run_id, uri, exp_id)
-        log.info("MLflow run %s (%s) in %s, artifacts at %s", run.info.run_id, name, uri, run.info.artifact_uri)
-        return tracker
+        run = _retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=run_name), "create_run")
+        print(f"[featstudy] MLflow run {run.info.run_id} ({run_name}): store {uri}, artifacts {run.info.artifact_uri}",
+              flush=True)
+        return cls(client, run.info.run_id, uri, exp_id)
 
     def end(self, status: str) -> None:
         """Set the terminal status (FINISHED, FAILED or KILLED) once."""
@@ -338,3 +347,78 @@ class SweepCallback(_HydraCallback):
         print(f"Sweep: {len(children) - len(bad)}/{len(children)} jobs FINISHED (MLflow parent run {parent})")
         for r in bad:
             print(f"  {r.info.status:8s} {r.info.run_name}  {r.data.tags.get('featstudy.output_dir', '')}")
+
+
+# --------------------------------------------------------------------------------------------- reading runs back
+
+def find_job_runs(uri: str, experiment_name: str, *, run_ids: Iterable[str] | None = None,
+                  datasets: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Runs to compare: the given ids, else the latest FINISHED job run per ``dataset`` tag.
+
+    Returns dicts with ``run_id``, ``dataset``, ``name``, ``tags``, ``metrics``, ``params``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is None:
+            raise ConfigError(f"--experiment {experiment_name!r}: no such MLflow experiment in {uri}")
+        found = client.search_runs([exp.experiment_id],
+                                   filter_string="attributes.status = 'FINISHED' and tags.`featstudy.role` = 'job'",
+                                   order_by=["attributes.start_time DESC"], max_results=5000)
+        latest: dict[str, Any] = {}
+        for r in found:
+            ds = r.data.tags.get("dataset")
+            if ds and ds not in latest:
+                latest[ds] = r
+        wanted = list(datasets) if datasets else sorted(latest)
+        missing = [d for d in wanted if d not in latest]
+        if missing:
+            raise ConfigError(f"--datasets: no FINISHED run for {missing} in experiment {experiment_name!r}; "
+                              f"runs exist for {sorted(latest)}")
+        runs = [latest[d] for d in wanted]
+    return [{"run_id": r.info.run_id, "dataset": r.data.tags.get("dataset", r.info.run_id[:8]),
+             "name": r.info.run_name, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics),
+             "params": dict(r.data.params), "experiment_id": r.info.experiment_id} for r in runs]
+
+
+def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """Download one artifact of a run into ``dst``; return the local path."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
+
+
+def run_info(uri: str, run_id: str) -> dict[str, Any]:
+    """Status, tags, params, metrics and artifact paths of one run (for tests and the report)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    r = client.get_run(run_id)
+
+    def walk(path: str | None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out.extend(walk(f.path) if f.is_dir else [f.path])
+        return out
+
+    return {"status": r.info.status, "tags": dict(r.data.tags), "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics), "artifacts": sorted(walk(None)), "name": r.info.run_name,
+            "experiment_id": r.info.experiment_id,
+            "history": lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]}
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[str]:
+    """Ids of the runs whose ``mlflow.parentRunId`` is ``parent_run_id``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10000)
+    return [r.info.run_id for r in runs]

@@ -1,0 +1,157 @@
+"""``python -m featstudy.report``: the figures and tables that compare datasets, from finished MLflow runs.
+
+* ``fig5``: per layer, modes of D+ and D- with 68% intervals, one colour per dataset (paper Figure 5).
+* ``fig6``: D distributions, conv1_1-conv5_3 against conv5_4 + fc7, one curve per dataset (Figure 6).
+* ``fig8``: the same with ImageNet (``imagenet_val``) in blue and the other datasets in green (Figure 8); only
+  when an ImageNet run is among the chosen ones.
+* ``tables/table4.csv``: t+, d_avg(t+), t-, d_avg(t-) for every dataset (Table 4).
+
+Runs are chosen with ``--runs ID ...`` or, by default, the latest FINISHED job run of each dataset in the
+experiment (``--datasets`` narrows that). The report itself is logged as a run (tag ``featstudy.role=report``)
+whose tags name the runs it used.
+
+Examples::
+
+    python -m featstudy.report                                   # latest run of every dataset
+    python -m featstudy.report --datasets mit67 cub200 flowers102 imagenet_val
+    python -m featstudy.report --runs 3f2a... 9bc1... --tracking-uri sqlite:////abs/mlruns/mlflow.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featstudy import __version__
+from featstudy.errors import EXIT_USAGE, FeatstudyError
+
+IMAGENET = "imagenet_val"
+
+
+def _default_root() -> Path:
+    import os
+
+    return Path(os.environ.get("FEATSTUDY_ROOT", ".")).absolute()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    root = _default_root()
+    p = argparse.ArgumentParser(prog="python -m featstudy.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                   help="MLflow store (default: sqlite:///<root>/mlruns/mlflow.db, root = $FEATSTUDY_ROOT or .)")
+    p.add_argument("--experiment", default="featstudy", help="MLflow experiment name (default: featstudy)")
+    p.add_argument("--runs", nargs="+", default=None, help="run ids to compare (default: latest per dataset)")
+    p.add_argument("--datasets", nargs="+", default=None, help="datasets to compare (default: all with a run)")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/outputs/report/<timestamp>)")
+    p.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
+    p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
+    return p.parse_args(argv)
+
+
+def build_report(runs: list[dict], arrays: dict[str, dict], table4_rows: dict[str, list[dict]], out: Path,
+                 formats: list[str]) -> list[Path]:
+    """Write fig5, fig6, fig8 (when ImageNet is present) and table4.csv under ``out``; return the files."""
+    from featstudy.analysis import plots
+
+    per_dataset = {}
+    layers: list[str] = []
+    for run in runs:
+        a = arrays[run["run_id"]]
+        name = run["dataset"]
+        if name in per_dataset:
+            name = f"{name} ({run['run_id'][:8]})"
+        per_dataset[name] = (a["d"], a["layer_of_feature"].astype(str))
+        for layer in dict.fromkeys(a["layer_of_feature"].astype(str).tolist()):
+            if layer not in layers:
+                layers.append(layer)
+    files: list[Path] = []
+    others = {k: v for k, v in per_dataset.items() if not k.startswith(IMAGENET)}
+    files += plots.save_figure(plots.fig5_modes(others or per_dataset, layers), out / "figures", "fig5", formats)
+    files += plots.save_figure(plots.fig6_distributions(others or per_dataset, layers, title="D distribution"),
+                               out / "figures", "fig6", formats)
+    if any(k.startswith(IMAGENET) for k in per_dataset) and others:
+        colors = {k: ("tab:blue" if k.startswith(IMAGENET) else "tab:green") for k in per_dataset}
+        files += plots.save_figure(plots.fig6_distributions(per_dataset, layers, colors=colors,
+                                                            title="ImageNet (blue) against the other datasets (green)"),
+                                   out / "figures", "fig8", formats)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    table = out / "tables" / "table4.csv"
+    header: list[str] = []
+    rows = []
+    for run in runs:
+        for row in table4_rows.get(run["run_id"], []):
+            row = {**row, "run_id": run["run_id"]}
+            header = header or list(row)
+            rows.append(row)
+    with open(table, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=header or ["dataset", "run_id"])
+        w.writeheader()
+        w.writerows(rows)
+    files.append(table)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    from featstudy import tracking
+
+    args = parse_args(argv)
+    try:
+        runs = tracking.find_job_runs(args.tracking_uri, args.experiment, run_ids=args.runs, datasets=args.datasets)
+        if not runs:
+            raise FeatstudyError(f"no runs to compare in experiment {args.experiment!r} of {args.tracking_uri}")
+        out = Path(args.out).absolute() if args.out else (
+            _default_root() / "outputs" / "report" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+        out.mkdir(parents=True, exist_ok=True)
+        arrays, tables = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for run in runs:
+                dst = Path(tmp) / run["run_id"]
+                try:
+                    npz = tracking.download_artifact(args.tracking_uri, run["run_id"], "arrays/ks.npz", dst)
+                except Exception as exc:  # noqa: BLE001 - a run without the artifact is a user error here
+                    raise FeatstudyError(f"run {run['run_id']} ({run['dataset']}) has no arrays/ks.npz artifact "
+                                         f"(was analysis.callbacks.ks dropped?): {str(exc).splitlines()[0]}") from exc
+                with np.load(npz, allow_pickle=False) as z:
+                    arrays[run["run_id"]] = {k: z[k] for k in ("d", "layer_of_feature")}
+                try:
+                    t4 = tracking.download_artifact(args.tracking_uri, run["run_id"], "tables/table4.csv", dst)
+                    with open(t4, newline="", encoding="utf-8") as fh:
+                        tables[run["run_id"]] = list(csv.DictReader(fh))
+                except Exception:  # noqa: BLE001 - the thresholds callback may have been dropped
+                    tables[run["run_id"]] = []
+        files = build_report(runs, arrays, tables, out, args.formats)
+    except FeatstudyError as exc:
+        print(f"featstudy.report: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"[featstudy.report] {len(runs)} runs ({', '.join(r['dataset'] for r in runs)}) -> {out}")
+    if not args.no_log:
+        exp = args.experiment
+        tracker = tracking.Tracker.create(
+            args.tracking_uri, exp, str(tracking.sqlite_path(args.tracking_uri).parent / "artifacts")
+            if tracking.sqlite_path(args.tracking_uri) else None,
+            run_name=f"report: {', '.join(r['dataset'] for r in runs)}"[:250],
+            tags={"featstudy.role": "report", "featstudy.version": __version__,
+                  "featstudy.report_runs": ",".join(r["run_id"] for r in runs),
+                  "featstudy.output_dir": str(out)})
+        status = "FAILED"
+        try:
+            tracker.log_params({f"run.{r['dataset']}": r["run_id"] for r in runs})
+            for f in files:
+                rel = f.relative_to(out)
+                tracker.log_artifact(f, str(rel.parent))
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
+        print(f"[featstudy.report] logged as MLflow run {tracker.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
