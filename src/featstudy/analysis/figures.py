@@ -139,23 +139,26 @@ class FiguresCallback(AnalysisCallback):
     def _top_rows(self, ctx: AnalysisContext, d: np.ndarray, source, *, positive: bool) -> list[dict]:
         """The top_k distinct features by D (positive) or -D (negative) with their images."""
         order = np.argsort(-d if positive else d, axis=None, kind="stable")
-        rows: list[dict] = []
+        picks: list[tuple[int, int]] = []
         seen: set[int] = set()
         for flat in order:
             f, c = np.unravel_index(int(flat), d.shape)
-            if f in seen:
-                continue
             if (d[f, c] <= 0) if positive else (d[f, c] >= 0):
                 break
+            if f in seen:
+                continue
             seen.add(int(f))
+            picks.append((int(f), int(c)))
+            if len(picks) == self.top_k:
+                break
+        images = source.top_images_many([ctx.feature_names[f] for f, _ in picks], self.n_images)
+        rows: list[dict] = []
+        for f, c in picks:
             name = ctx.feature_names[f]
-            row = {"label": f"{name}\n{ctx.classes[c][:18]}\nD={d[f, c]:+.2f}",
-                   "images": source.top_images(name, self.n_images)}
+            row = {"label": f"{name}\n{ctx.classes[c][:18]}\nD={d[f, c]:+.2f}", "images": images[name]}
             if not positive and self.n_class_images > 0:
                 members = np.flatnonzero(ctx.labels == c)[: self.n_class_images]
                 row["class_images"] = [source.dataset_image(int(i)) for i in members]
                 row["class_label"] = f"class {ctx.classes[c][:24]}"
             rows.append(row)
-            if len(rows) == self.top_k:
-                break
         return rows

@@ -1,11 +1,14 @@
 """Reading the image behind an embedding row, and where a conv feature peaks in it.
 
-Kept apart from the plotting so that the extraction side (datasets, model builder) is touched in one place.
+Kept apart from the plotting so that the extraction side (:mod:`featstudy.datasets`, :mod:`featstudy.models`,
+:mod:`featstudy.transforms`) is touched in one place. Everything needed is in the embedding's ``meta.json``: the
+dataset (name, root, split), the model, its weights source and the crops.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +17,125 @@ from featstudy.store import Embedding
 log = logging.getLogger(__name__)
 
 
-def _root(emb: Embedding) -> Path | None:
-    ds = emb.meta.get("dataset")
-    root = ds.get("root") if isinstance(ds, dict) else emb.meta.get("dataset_root")
-    return Path(root) if root else None
+def _dataset_cfg(meta: dict) -> dict | None:
+    ds = meta.get("dataset")
+    if not isinstance(ds, dict) or not ds.get("name"):
+        return None
+    cfg = {"name": ds["name"], "root": ds.get("root"), "split": ds.get("split"), "download": False}
+    fields = (meta.get("key_fields") or {}).get("dataset") or {}
+    for key in ("n_classes", "class_seed"):
+        if key in fields:
+            cfg[key] = fields[key]
+    return cfg
+
+
+@lru_cache(maxsize=4)
+def _dataset(emb_path: str) -> Any | None:
+    """The dataset object that produced the embedding at ``emb_path`` (None when it cannot be rebuilt)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
+    cfg = _dataset_cfg(meta)
+    if cfg is None:
+        return None
+    try:
+        from featstudy import datasets
+
+        return datasets.from_config(OmegaConf.create(cfg))
+    except Exception as exc:  # noqa: BLE001 - the data may have moved; figures then show empty cells
+        log.warning("figures: cannot open dataset %s at %s (%s)", cfg["name"], cfg.get("root"),
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
 
 
 def open_row(emb: Embedding, row: int) -> Any | None:
-    """The RGB PIL image of row ``row`` (``paths.txt`` under the dataset root in meta), or None."""
-    from PIL import Image
+    """The RGB PIL image of row ``row`` of ``emb``, or None when the data cannot be read.
 
-    rel = emb.paths[row]
-    root = _root(emb)
-    path = Path(rel) if Path(rel).is_absolute() or root is None else root / rel
-    if path.is_file():
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except OSError:
-            return None
-    return None
+    Rows are the dataset's samples in order; ``paths.txt`` is checked against the rebuilt dataset so a changed
+    dataset never shows the wrong image.
+    """
+    ds = _dataset(str(emb.path))
+    if ds is None:
+        return None
+    if row >= len(ds.samples) or ds.samples[row][0] != emb.paths[row]:
+        log.warning("figures: %s no longer matches the embedding's paths.txt (row %d)", ds, row)
+        return None
+    try:
+        return ds.image(row)
+    except Exception:  # noqa: BLE001 - unreadable image: an empty cell
+        return None
 
 
-def peak_position(emb: Embedding, square: Any, layer: str, channel: int) -> tuple[int, int] | None:
-    """(y, x) of the maximum of ``layer``'s map ``channel`` for the centre crop ``square``; None when the network
-    cannot be rebuilt from the embedding's meta."""
-    return None
+@lru_cache(maxsize=2)
+def _network(emb_path: str) -> Any | None:
+    """(feature extractor body, transform) rebuilt from the embedding's meta, or None."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
+    try:
+        from featstudy import models
+        from featstudy.transforms import ImageTransform, crop_spec
+
+        source = meta.get("weights_source")
+        weights = "random" if source == "random" else (meta.get("weights_path") or meta.get("weights"))
+        model_cfg = OmegaConf.create({
+            "name": meta.get("model", "vgg19"), "weights": weights, "seed": meta.get("weights_seed") or 0,
+            "preprocessing": meta.get("preprocessing", "torchvision"),
+            "nodes": None if meta.get("model", "vgg19") == "vgg19" else list((meta.get("nodes") or {}).keys()),
+        })
+        ms = models.spec(model_cfg)
+        crops = meta.get("crops") or {}
+        size = int(crops.get("size", 224))
+        model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
+        resize = crops.get("resize") or size
+        transform = ImageTransform(crop_spec(OmegaConf.create({"name": "center", "resize": int(resize),
+                                                               "size": size})), ms.preprocessing)
+        return model.body, transform, size, int(resize)
+    except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights not in the local cache
+        log.warning("figures: cannot rebuild the network (%s); showing whole images instead of receptive fields",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+
+
+def centre_crop_geometry(emb: Embedding) -> tuple[int, int]:
+    """(resize, size) of the centre crop the receptive fields refer to."""
+    crops = emb.meta.get("crops") or {}
+    size = int(crops.get("size", 224))
+    return int(crops.get("resize") or size), size
+
+
+def peak_positions(emb: Embedding, images: list[Any], requests: list[tuple[int, str, int]],
+                   batch_size: int = 16) -> dict[tuple[int, str, int], tuple[int, int]] | None:
+    """Where each requested conv map peaks: ``{(image index, layer, channel): (y, x)}`` on the centre crop.
+
+    One batched forward pass per ``batch_size`` images (each image once, whatever the number of features asking
+    for it). None when the network cannot be rebuilt; layers without a spatial map are left out.
+    """
+    import torch
+
+    net = _network(str(emb.path))
+    if net is None:
+        return None
+    body, transform, _, _ = net
+    wanted: dict[int, list[tuple[str, int]]] = {}
+    for i, layer, channel in requests:
+        wanted.setdefault(i, []).append((layer, channel))
+    order = sorted(wanted)
+    out: dict[tuple[int, str, int], tuple[int, int]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        x = torch.cat([transform(images[i]) for i in chunk])
+        with torch.no_grad():
+            maps = body(x)
+        for b, i in enumerate(chunk):
+            for layer, channel in wanted[i]:
+                fmap = maps.get(layer)
+                if fmap is None or fmap.ndim != 4:
+                    continue
+                m = fmap[b, channel]
+                out[(i, layer, channel)] = divmod(int(torch.argmax(m)), int(m.shape[1]))
+    return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +111,14 @@ def _thumb(img: Any, box: tuple[int, int, int, int] | None = None) -> np.ndarray
     return np.asarray(img)
 
 
-def _center_square(img: Any, size: int) -> Any:
+def _center_square(img: Any, size: int, resize: int | None = None) -> Any:
+    """Shorter side -> ``resize`` (default ``size``), then the centre ``size`` x ``size`` crop (as extraction)."""
     from PIL import Image
 
+    resize = resize or size
     w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BILINEAR)
+    scale = resize / min(w, h)
+    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.Resampling.BILINEAR)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
@@ -148,41 +149,45 @@ class ImageSource:
 
     def dataset_image(self, row: int) -> np.ndarray | None:
         img = self._open(self.emb, row)
-        return None if img is None else _thumb(_center_square(img, 224))
+        return None if img is None else _thumb(img)
 
-    def top_images(self, feature_name: str, n: int) -> list[np.ndarray | None]:
+    def top_rows(self, feature_name: str, n: int) -> list[int]:
+        """Rows of the source embedding with the ``n`` largest values of the feature."""
         col = self.source.feature_names.index(feature_name)
         values = np.asarray(self.source.features[:, col])
-        rows = np.argsort(-values, kind="stable")[:n]
-        layer = feature_name.rsplit(":", 1)[0]
-        channel = int(feature_name.rsplit(":", 1)[1])
-        out = []
-        for r in rows:
-            img = self._open(self.source, int(r))
-            if img is None:
-                out.append(None)
-                continue
-            out.append(self._crop(img, layer, channel))
-        return out
+        return [int(r) for r in np.argsort(-values, kind="stable")[:n]]
 
-    def _crop(self, img: Any, layer: str, channel: int) -> np.ndarray:
-        size = int(self.source.meta.get("crops", {}).get("size", 224)) if isinstance(
-            self.source.meta.get("crops"), dict) else 224
-        square = _center_square(img, size)
-        if layer not in receptive_fields():
-            return _thumb(square)
+    def top_images_many(self, feature_names: list[str], n: int) -> dict[str, list[np.ndarray | None]]:
+        """Most activating images of several features, cropped to their receptive fields in one batched pass."""
         from featstudy.analysis import image_io
 
-        pos = image_io.peak_position(self.source, square, layer, channel)
-        if pos is None:
-            return _thumb(square)
-        return _thumb(square, rf_box(layer, pos[0], pos[1], size))
+        resize, size = image_io.centre_crop_geometry(self.source)
+        rows = {name: self.top_rows(name, n) for name in feature_names}
+        unique = sorted({r for rs in rows.values() for r in rs})
+        opened = {r: self._open(self.source, r) for r in unique}
+        index = {r: i for i, r in enumerate(unique)}
+        images = [opened[r] for r in unique]
+        requests = []
+        for name, rs in rows.items():
+            layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
+            if layer in receptive_fields():
+                requests += [(index[r], layer, channel) for r in rs if opened[r] is not None]
+        peaks = image_io.peak_positions(self.source, images, requests) if requests else {}
+        out = {}
+        for name, rs in rows.items():
+            layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
+            cells = []
+            for r in rs:
+                img = opened[r]
+                if img is None:
+                    cells.append(None)
+                    continue
+                square = _center_square(img, size, resize)
+                pos = (peaks or {}).get((index[r], layer, channel))
+                cells.append(_thumb(square, rf_box(layer, pos[0], pos[1], size) if pos else None))
+            out[name] = cells
+        return out
 
 
 def activation_source(ctx: Any) -> ImageSource:
     return ImageSource(ctx)
-
-
-@lru_cache(maxsize=1)
-def _vgg_rf_table() -> dict:
-    return receptive_fields()

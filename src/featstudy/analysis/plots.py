@@ -79,32 +79,46 @@ def fig1_histograms(intra: np.ndarray, inter: np.ndarray, title: str, bins: int 
     return fig
 
 
+def _tile(cells: Sequence, size: int, gap: int = 4) -> np.ndarray:
+    """Thumbnails side by side on white (an empty cell stays light grey)."""
+    strip = np.full((size, len(cells) * (size + gap), 3), 255, dtype=np.uint8)
+    for j, img in enumerate(cells):
+        x0 = j * (size + gap)
+        if isinstance(img, str):  # "gap": stays white
+            continue
+        if img is None:
+            strip[:, x0:x0 + size] = 225
+            continue
+        arr = np.asarray(img)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        h, w = min(arr.shape[0], size), min(arr.shape[1], size)
+        strip[:h, x0:x0 + w] = arr[:h, :w, :3]
+    return strip
+
+
 def fig_top_features(rows: Sequence[Mapping], title: str) -> Figure:
     """Figures 2/3: one row per feature, its most activating image crops, then (optional) class samples.
 
-    Each row is a mapping with ``label`` (str), ``images`` (list of HxW[x3] arrays or None) and optionally
-    ``class_images`` and ``class_label``.
+    Each row is a mapping with ``label`` (str), ``images`` (list of HxW[x3] uint8 arrays or None) and optionally
+    ``class_images`` and ``class_label``. One axes per row (fast to draw even for many images).
     """
-    n_cols = max((len(r["images"]) + len(r.get("class_images", ())) for r in rows), default=1)
-    fig = Figure(figsize=(1.3 * n_cols + 2.6, 1.45 * max(len(rows), 1)))
-    fig.suptitle(title, fontsize=11)
-    for i, row in enumerate(rows):
-        cells = list(row["images"]) + list(row.get("class_images", ()))
-        for j in range(n_cols):
-            ax = fig.add_subplot(len(rows), n_cols, i * n_cols + j + 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(cells) and cells[j] is not None:
-                img = cells[j]
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-            else:
-                ax.axis("off")
-            if j == 0:
-                ax.set_ylabel(row["label"], rotation=0, ha="right", va="center", fontsize=7)
-            if j == len(row["images"]) and row.get("class_images"):
-                ax.set_title(row.get("class_label", "class samples"), fontsize=7, loc="left")
-                for side in ax.spines.values():
-                    side.set_edgecolor("tab:red")
+    cells = [list(r["images"]) + (["gap"] + list(r["class_images"]) if r.get("class_images") else []) for r in rows]
+    n_cols = max((len(c) for c in cells), default=1)
+    size = max((np.asarray(img).shape[0] for c in cells for img in c if img is not None and not isinstance(img, str)), default=32)
+    fig = Figure(figsize=(0.95 * n_cols + 1.8, 1.05 * max(len(rows), 1) + 0.5))
+    fig.suptitle(title, fontsize=10)
+    for i, (row, c) in enumerate(zip(rows, cells)):
+        ax = fig.add_subplot(len(rows), 1, i + 1)
+        ax.imshow(_tile(c + ["gap"] * (n_cols - len(c)), size))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.set_ylabel(row["label"], rotation=0, ha="right", va="center", fontsize=7)
+        if row.get("class_images"):
+            ax.text(1.0, 1.02, row.get("class_label", "class samples"), transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=7, color="tab:red")
     return fig
 
 
