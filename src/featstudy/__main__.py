@@ -109,8 +109,12 @@ def main() -> None:
     stderr = sys.stderr
     if not full:
         sys.stderr = _QuietJobErrors(stderr)
+    interrupted = False
     try:
         _entry()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     except _user_error_types() as exc:
         if full:
             raise
@@ -118,6 +122,9 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     finally:
         sys.stderr = stderr
+        from featstudy.tracking import end_open_sweeps
+
+        end_open_sweeps(interrupted=interrupted)
 
 
 if __name__ == "__main__":

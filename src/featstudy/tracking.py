@@ -327,26 +327,51 @@ class SweepCallback(_HydraCallback):
         from featstudy.store import atomic_write_text
 
         atomic_write_text(sweep_dir / PARENT_ID_FILE, run.info.run_id + "\n")
+        _OPEN_SWEEPS[run.info.run_id] = uri
         log.info("MLflow sweep parent run %s in %s", run.info.run_id, uri)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
-        t = config.tracking
-        if t.uri is None:
+        if config.tracking.uri is None:
             return
         parent = parent_run_id_from(str(config.hydra.sweep.dir))
-        if parent is None:
-            return
-        client = MlflowClient(tracking_uri=normalise_uri(str(t.uri)))
-        exp_id = client.get_run(parent).info.experiment_id
-        children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                                      max_results=10000)
-        bad = [r for r in children if r.info.status != "FINISHED"]
-        client.set_terminated(parent, status="FAILED" if bad or not children else "FINISHED")
-        print(f"Sweep: {len(children) - len(bad)}/{len(children)} jobs FINISHED (MLflow parent run {parent})")
-        for r in bad:
-            print(f"  {r.info.status:8s} {r.info.run_name}  {r.data.tags.get('featstudy.output_dir', '')}")
+        if parent is not None:
+            end_sweep(normalise_uri(str(config.tracking.uri)), parent)
+
+
+#: sweep parents started in this process and not ended yet: run id -> store URI
+_OPEN_SWEEPS: dict[str, str] = {}
+
+
+def end_sweep(uri: str, parent: str, interrupted: bool = False) -> str:
+    """End a sweep's parent run: KILLED when interrupted, FAILED when a child did not finish, else FINISHED.
+
+    Prints one line per child that did not finish (the sweep's failures table). Returns the status set.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _OPEN_SWEEPS.pop(parent, None)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=10000)
+    bad = [r for r in children if r.info.status != "FINISHED"]
+    status = "KILLED" if interrupted else ("FAILED" if bad or not children else "FINISHED")
+    client.set_terminated(parent, status=status)
+    print(f"[featstudy] sweep {status}: {len(children) - len(bad)}/{len(children)} jobs FINISHED "
+          f"(MLflow parent run {parent})", flush=True)
+    for r in bad:
+        print(f"  {r.info.status:8s} {r.info.run_name}  {r.data.tags.get('featstudy.output_dir', '')}", flush=True)
+    return status
+
+
+def end_open_sweeps(interrupted: bool = False) -> None:
+    """End every sweep parent this process started whose ``on_multirun_end`` never ran (Hydra skips it when a job
+    raised); called by the CLI's ``finally``."""
+    for parent, uri in list(_OPEN_SWEEPS.items()):
+        try:
+            end_sweep(uri, parent, interrupted=interrupted)
+        except Exception as exc:  # noqa: BLE001
+            log.error("MLflow: could not end sweep parent run %s (%s)", parent, exc)
 
 
 # --------------------------------------------------------------------------------------------- reading runs back
