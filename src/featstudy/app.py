@@ -153,6 +153,14 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     shutil.copyfile(Path(handle.path) / "skipped.txt", output_dir / "skipped.txt")
     tracker.log_artifact(output_dir / "skipped.txt")
     metrics: dict[str, float] = {"n_skipped_images": float(len(embedding.skipped))}
+    n_classes = len(set(embedding.labels.tolist()))
+    if n_classes < 2:
+        from featstudy.errors import DataError
+
+        first = embedding.skipped[0] if embedding.skipped else "no skipped images"
+        raise DataError(f"dataset: the embedding {handle.key} holds {len(embedding.labels)} images of {n_classes} "
+                        f"class(es); the analysis needs two classes or more ({len(embedding.skipped)} images "
+                        f"skipped, first: {first})")
     tracker.log_metrics(metrics)
 
     ctx = AnalysisContext(embedding, cfg.analysis, output_dir, str(cfg.dataset.name), cfg=cfg, handle=handle)
