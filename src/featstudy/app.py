@@ -104,6 +104,10 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             if status == "FINISHED":
                 tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
             tracker.end(status)
+            # the job's own status file, next to its outputs (a sweep can be audited without MLflow)
+            (output_dir / "status.txt").write_text(
+                f"{status}\t{getattr(tracker, 'run_id', None) or '-'}\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\n",
+                encoding="utf-8")
             print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
 
     return wrapped
@@ -175,6 +179,8 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
         for path in result.files:
             rel = Path(path).resolve().relative_to(output_dir.resolve())
             tracker.log_artifact(path, str(rel.parent) if str(rel.parent) != "." else None)
+        for artifact_file, table in result.tables.items():
+            tracker.log_table(table, artifact_file)
         metrics.update(result.metrics)
         log.info("analysis %s: %d metrics, %d files, %.1f s", name, len(result.metrics), len(result.files),
                  time.perf_counter() - t0)

@@ -258,6 +258,10 @@ class Tracker:
             chunk = items[i:i + 1000]
             self._safe("log_batch(metrics)", lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
 
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """A table through MLflow's table API (JSON, shown in the UI's table views)."""
+        self._safe("log_table", lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():

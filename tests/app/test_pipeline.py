@@ -23,7 +23,7 @@ JOB_METRICS = {"t_plus", "t_minus", "d_avg_t_plus", "d_avg_t_minus", "n_irreleva
                "null_significant_share.fc7"}
 FIGURES = {f"figures/{name}.png" for name in ("fig1", "fig2", "fig3", "fig5", "fig6", "fig9", "fig10")}
 ARTIFACTS = FIGURES | {"tables/table3.csv", "tables/table4.csv", "arrays/ks.npz", "config.yaml", "skipped.txt",
-                       "tables/null_by_layer.csv"}
+                       "tables/null_by_layer.csv", "tables/table4.json", "tables/irrelevant_by_layer.json"}
 
 
 def client_for(uri: str):
@@ -90,6 +90,8 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     assert tags["version"] and tags["featstudy.version"]
     assert run.data.params["model.weights"] == "random" and run.data.params["crops.name"] == "ten"
     assert ARTIFACTS <= artifacts(uri, run.info.run_id)
+    status_file = Path(tags["featstudy.output_dir"]) / "status.txt"
+    assert status_file.read_text().split("\t")[:2] == ["FINISHED", run.info.run_id]
     # the logged thresholds are the ones the stored D arrays give
     local = client_for(uri).download_artifacts(run.info.run_id, "arrays/ks.npz", str(tmp_path))
     with np.load(local) as z:

@@ -32,6 +32,9 @@ class CallbackResult:
         ``name -> (steps, values)`` curves, logged as metric steps.
     files : list of Path
         Files written under the output folder; logged as artifacts at their path relative to it.
+    tables : dict
+        ``artifact file (.json) -> {column: values}``: tables also logged through MLflow's table API (the CSV
+        files in ``files`` are what a reader opens; these feed the UI's table views).
     objects : dict
         Anything tests or callers may want (arrays, result objects); not logged.
     """
@@ -39,6 +42,7 @@ class CallbackResult:
     metrics: dict[str, float] = field(default_factory=dict)
     series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
 
 

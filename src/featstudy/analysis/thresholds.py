@@ -122,6 +122,13 @@ class ThresholdsCallback(AnalysisCallback):
                                 for x, p, m in zip(grid, th.d_avg_plus, th.d_avg_minus)]))
         series = {"d_avg_plus": (steps, np.asarray(th.d_avg_plus, float)),
                   "d_avg_minus": (steps, np.asarray(th.d_avg_minus, float))}
-        return CallbackResult(metrics=metrics, series=series, files=files,
+        tables = {
+            "tables/table4.json": {"dataset": [ctx.dataset], "t_plus": [t_plus], "d_avg_t_plus": [float(th.d_avg_t_plus)],
+                                   "t_minus": [t_minus], "d_avg_t_minus": [float(th.d_avg_t_minus)]},
+            "tables/irrelevant_by_layer.json": {
+                "layer": [r[0] for r in rows], "n_features": [r[1] for r in rows], "n_irrelevant": [r[2] for r in rows],
+                "kept_fraction": [r[3] for r in rows], "kept_fraction_random": [r[4] for r in rows]},
+        }
+        return CallbackResult(metrics=metrics, series=series, files=files, tables=tables,
                               objects={"thresholds": th, "irrelevant": irrelevant, "kept": kept,
                                        "kept_random": kept_random})
