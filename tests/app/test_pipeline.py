@@ -185,8 +185,6 @@ def test_parallel_joblib_sweep_on_a_fresh_sqlite_file(tmp_path, image_folder, he
     extraction lock makes one job wait for the other's embedding."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYDRA_FULL_ERROR", "0")
-        src = str(Path(__file__).resolve().parents[2] / "src")
-        mp.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
         rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                               *helpers.tiny_overrides(tmp_path, image_folder), "~analysis.callbacks.figures",
                               "~analysis.callbacks.null", "analysis.bins=25,50"], mp)
