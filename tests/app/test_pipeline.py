@@ -48,12 +48,12 @@ def artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, image_folder, helpers):
-    """``-m analysis.bins=25,50`` on a fresh cache and a fresh SQLite file."""
+    """``-m analysis.bins=25,null`` (binned and exact) on a fresh cache and a fresh SQLite file."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "analysis.bins=25,50"], mp)
+        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "analysis.bins=25,null"], mp)
     return root, uri, rc
 
 
@@ -65,7 +65,7 @@ def test_sweep_has_one_parent_and_a_child_per_job(sweep):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 2 == len(runs) - 1
-    assert sorted(r.data.params["analysis.bins"] for r in children) == ["25", "50"]
+    assert sorted(r.data.params["analysis.bins"] for r in children) == ["25", "null"]
     assert all(r.info.status == "FINISHED" for r in children)
 
 
@@ -83,7 +83,7 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     from featstudy import stats
 
     _, uri, _ = sweep
-    run = next(r for r in all_runs(uri) if r.data.params.get("analysis.bins") == "50")
+    run = next(r for r in all_runs(uri) if r.data.params.get("analysis.bins") == "null")
     assert JOB_METRICS <= set(run.data.metrics)
     tags = run.data.tags
     assert tags["weights"] == "random" and tags["dataset"] == "imagefolder"
@@ -104,6 +104,9 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     assert run.data.metrics["n_irrelevant_features"] == n_irr
     history = client_for(uri).get_metric_history(run.info.run_id, "d_avg_plus")
     assert len(history) == len(th.grid) and {m.step for m in history} == set(range(len(th.grid)))
+    table4 = client_for(uri).download_artifacts(run.info.run_id, "tables/table4.csv", str(tmp_path))
+    row = dict(zip(*[line.split(",") for line in Path(table4).read_text().splitlines()]))
+    assert row["dataset"] == "imagefolder" and row["bins"] == "exact" and float(row["t_plus"]) == pytest.approx(th.t_plus)
     table3 = client_for(uri).download_artifacts(run.info.run_id, "tables/table3.csv", str(tmp_path))
     lines = Path(table3).read_text().splitlines()
     assert lines[1].startswith("conv1_1,64,") and lines[-1].startswith("Total,9600")
