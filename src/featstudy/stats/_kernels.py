@@ -48,6 +48,27 @@ def _run_bounds(skey, rs, re):
 
 
 @njit(cache=True)
+def _packed_runs(srt, t0, t1, offset, sidx, rs, re):
+    """Copy payloads of sorted packed ``srt[t0:t1]`` to ``sidx[offset:]`` and fill their run bounds."""
+    start = offset
+    prev = srt[t0] >> np.uint64(32)
+    for t in range(t0, t1):
+        v = srt[t]
+        k = v >> np.uint64(32)
+        pos = offset + t - t0
+        if k != prev:
+            for q in range(start, pos):
+                re[q] = pos
+            start = pos
+            prev = k
+        sidx[pos] = np.int32(v & np.uint64(0xFFFFFFFF))
+        rs[pos] = start
+    end = offset + t1 - t0
+    for q in range(start, end):
+        re[q] = end
+
+
+@njit(cache=True)
 def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
     """Extrema of g for every class in one pass over the sorted sample.
 
@@ -65,19 +86,21 @@ def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
         gmin[c] = 1  # sentinel: the last run holding class c always offers g <= 0
         imax[c] = n - 1
         imin[c] = n - 1
+    nn = np.int64(n)
     for i in range(n):
-        c = lab[sidx[i]]
+        c = np.uint64(lab[np.uint64(sidx[i])])  # unsigned indices: no wraparound checks
         s = np.int64(rs[i])
         e = np.int64(re[i])
         nc = n_in[c]
         a = acount[c]
-        gp = s * nc - a * n
-        if s > 0 and gp > gmax[c]:
-            gmax[c] = gp
-            imax[c] = s - 1
-        a += 1
-        acount[c] = a
-        gm = e * nc - a * n
+        an = a * nn
+        gp = s * nc - an
+        if gp > gmax[c]:
+            if s > 0:
+                gmax[c] = gp
+                imax[c] = s - 1
+        acount[c] = a + 1
+        gm = e * nc - an - nn
         if gm < gmin[c]:
             gmin[c] = gm
             imin[c] = e - 1
@@ -89,7 +112,8 @@ def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
 
 @njit(cache=True)
 def _radix_sort_hi32(a, tmp, hist, kmin, kmax):
-    """Sort uint64 ``a`` (key in the high 32 bits, payload below) by key; returns the array holding the result.
+    """Sort uint64 ``a`` (key in the high 32 bits, payload below) by key; returns the array holding the result,
+    whose high bits then hold key − kmin.
 
     LSD radix on (key − kmin): as many passes of ≤ 11 bits as the key range needs (typically 3 of 9–10 bits
     for real-valued features), each a stable counting sort.
@@ -100,13 +124,15 @@ def _radix_sort_hi32(a, tmp, hist, kmin, kmax):
     while rng > 0:
         bits += 1
         rng >>= np.uint64(1)
+    off = np.uint64(kmin) << np.uint64(32)
     if bits == 0:
+        for i in range(n):
+            a[i] -= off
         return a
     passes = (bits + 10) // 11
     width = (bits + passes - 1) // passes
     mask = np.uint64((1 << width) - 1)
     hist[:, : 1 << width] = 0
-    off = np.uint64(kmin) << np.uint64(32)
     for i in range(n):
         v = a[i] - off
         a[i] = v
@@ -128,8 +154,9 @@ def _radix_sort_hi32(a, tmp, hist, kmin, kmax):
         for i in range(n):
             v = src[i]
             b = (v >> shift) & mask
-            dst[h[b]] = v
-            h[b] += 1
+            d = h[b]
+            dst[np.uint64(d)] = v
+            h[b] = d + 1
         src, dst = dst, src
     return src
 
@@ -145,14 +172,14 @@ def _f32_sort_key(bits):
 
 
 @njit(cache=True)
-def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, loc_of):
-    """Class pass for permutation row k of feature jj; writes the extrema and the location values."""
+def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, values):
+    """Class pass for permutation row k of feature jj; writes the extrema and their locations values[sidx[.]]."""
     _class_pass(sidx, rs, re, lab, n_in, n, g1, g2, i1, i2, acount)
     for c in range(n_in.size):
         gmax[k, jj, c] = g1[c]
         gmin[k, jj, c] = g2[c]
-        locp[k, jj, c] = loc_of[i1[c]]
-        locm[k, jj, c] = loc_of[i2[c]]
+        locp[k, jj, c] = values[sidx[i1[c]]]
+        locm[k, jj, c] = values[sidx[i2[c]]]
 
 
 @njit(parallel=True, cache=True)
@@ -177,11 +204,9 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
         packed = np.empty(n, dtype=np.uint64)
         tmp = np.empty(n, dtype=np.uint64)
         zidx = np.empty(n, dtype=np.int32)
-        skey = np.empty(n, dtype=np.uint32)
         sidx = np.empty(n, dtype=np.int32)
         rs = np.empty(n, dtype=np.int32)
         re = np.empty(n, dtype=np.int32)
-        loc_of = np.empty(n, dtype=np.float64)
         hist = np.empty((3, 2048), dtype=np.int64)
         g1 = np.empty(c_count, dtype=np.int64)
         g2 = np.empty(c_count, dtype=np.int64)
@@ -214,29 +239,31 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
             srt = packed
             if m > 1:
                 srt = _radix_sort_hi32(packed[:m], tmp[:m], hist, kmin, kmax)
-            pos = 0
-            t = 0
-            while t < m:  # negative values first
-                i = np.int32(srt[t] & np.uint64(0xFFFFFFFF))
-                if col[j, i] > 0:
-                    break
-                sidx[pos] = i
-                pos += 1
-                t += 1
+            # negatives (keys below the zero key) first, then the zero run, then the positives
+            p = 0
+            if m == 1:
+                p = 1 if kmin < zero_key else 0
+            elif m > 1 and kmin < zero_key:  # srt holds key - kmin in its high bits
+                lim = np.uint64(zero_key - kmin) << np.uint64(32)
+                lo_, hi_ = 0, m
+                while lo_ < hi_:
+                    mid = (lo_ + hi_) // 2
+                    if srt[mid] < lim:
+                        lo_ = mid + 1
+                    else:
+                        hi_ = mid
+                p = lo_
+            if p > 0:
+                _packed_runs(srt, 0, p, 0, sidx, rs, re)
             for z in range(nz):
-                sidx[pos] = zidx[z]
-                pos += 1
-            while t < m:
-                sidx[pos] = np.int32(srt[t] & np.uint64(0xFFFFFFFF))
-                pos += 1
-                t += 1
-            for i in range(n):
-                skey[i] = _f32_sort_key(bits[sidx[i]])
-                loc_of[i] = col[j, sidx[i]]
-            _run_bounds(skey, rs, re)
+                sidx[p + z] = zidx[z]
+                rs[p + z] = p
+                re[p + z] = p + nz
+            if m > p:
+                _packed_runs(srt, p, m, p + nz, sidx, rs, re)
             for k in range(kperm):
                 _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
-                      loc_of)
+                      col[j])
 
 
 @njit(parallel=True, cache=True)
@@ -277,8 +304,7 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
                 skey[i] = x[order[i]]
             _run_bounds(skey, rs, re)
             for k in range(kperm):
-                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
-                      skey)
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, x)
 
 
 @njit(cache=True)
@@ -321,6 +347,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
         loc_of = np.empty(n, dtype=np.float64)
         hist = np.empty(nbins, dtype=np.int64)
         bstart = np.empty(nbins, dtype=np.int64)
+        edges = np.empty(nbins, dtype=np.float64)
         g1 = np.empty(c_count, dtype=np.int64)
         g2 = np.empty(c_count, dtype=np.int64)
         i1 = np.empty(c_count, dtype=np.int64)
@@ -365,11 +392,15 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
                 sidx[pos] = i
                 hist[b] = pos + 1
             for b in range(nbins):  # hist[b] is now the end of bin b
-                edge = bin_right_edge(b, lo, hi, nbins)
-                for pos in range(bstart[b], hist[b]):
-                    rs[pos] = bstart[b]
-                    re[pos] = hist[b]
-                    loc_of[pos] = edge
+                bs = bstart[b]
+                be = hist[b]
+                for pos in range(bs, be):
+                    rs[pos] = bs
+                    re[pos] = be
+            for b in range(nbins):
+                edges[b] = bin_right_edge(b, lo, hi, nbins)
+            for i in range(n):
+                loc_of[i] = edges[bins[i]]
             for k in range(kperm):
                 _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
                       loc_of)

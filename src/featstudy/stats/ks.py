@@ -16,7 +16,7 @@ CHUNK_BYTES = 512 * 2**20
 #: Bytes the per-chunk integer/float outputs (K, fc, C) may take.
 OUTPUT_BYTES = 256 * 2**20
 #: Rows copied at a time from a memory map before its pages are released.
-SLAB_ROWS = 16384
+SLAB_ROWS = 4096
 
 
 @dataclass(frozen=True, eq=False)
