@@ -118,7 +118,7 @@ def thresholds(d_real, d_random, step: float = 0.001) -> ThresholdResult:
     >>> rand = np.array([[0.05, -0.05], [0.0, 0.02]])
     >>> r = thresholds(real, rand, step=0.01)
     >>> float(r.t_plus), float(r.t_minus)
-    (0.05, -0.05)
+    (0.02, -0.05)
     """
     grid = threshold_grid(step)
     real = _as_stack(d_real, "d_real")
