@@ -182,7 +182,7 @@ def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin,
         locm[k, jj, c] = values[sidx[i2[c]]]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float32 block (N, fc): radix sort of the raw bits, one sort per feature for all K.
 
@@ -266,7 +266,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
                       col[j])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float64 block (N, fc): comparison sort (values compare, so -0.0 == +0.0)."""
     n, fc = block.shape
@@ -326,7 +326,7 @@ def bin_right_edge(b, lo, hi, nbins):
     return lo + (hi - lo) * (b + 1) / nbins
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     """Binned extrema: B equal-width bins over [min_f, max_f], counting sort on the bin, EDFs at right edges."""
     n, fc = block.shape
