@@ -27,6 +27,13 @@ from numba import njit, prange
 
 GROUP = 64  # features gathered together: 256 bytes of float32 per row
 
+# Explicit signatures with layout "A": one compiled (and cached) version per kernel and block dtype, whatever
+# the layout of the caller's arrays (C, F or a column slice), instead of one lazy compile per layout seen.
+_OUT = "int64[:, :, :], int64[:, :, :], float64[:, :, :], float64[:, :, :], boolean[:]"
+_SIG_F32 = f"void(float32[:, :], int32[:, :], int64[:], {_OUT})"
+_SIG_F64 = f"void(float64[:, :], int32[:, :], int64[:], {_OUT})"
+_SIG_BINNED = [f"void({t}[:, :], int32[:, :], int64[:], int64, {_OUT})" for t in ("float32", "float64")]
+
 _SIGN32 = np.uint32(0x80000000)
 _EXP32 = np.uint32(0x7F800000)
 
@@ -182,7 +189,7 @@ def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin,
         locm[k, jj, c] = values[sidx[i2[c]]]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(_SIG_F32, parallel=True, cache=True, nogil=True)
 def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float32 block (N, fc): radix sort of the raw bits, one sort per feature for all K.
 
@@ -266,7 +273,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
                       col[j])
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(_SIG_F64, parallel=True, cache=True, nogil=True)
 def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float64 block (N, fc): comparison sort (values compare, so -0.0 == +0.0)."""
     n, fc = block.shape
@@ -326,7 +333,7 @@ def bin_right_edge(b, lo, hi, nbins):
     return lo + (hi - lo) * (b + 1) / nbins
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(_SIG_BINNED, parallel=True, cache=True, nogil=True)
 def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     """Binned extrema: B equal-width bins over [min_f, max_f], counting sort on the bin, EDFs at right edges."""
     n, fc = block.shape

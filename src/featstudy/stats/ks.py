@@ -129,7 +129,7 @@ def _read_block(features: np.ndarray, f0: int, f1: int, dtype: np.dtype) -> np.n
             _release_pages(features)
         return block
     block = features[:, f0:f1]
-    if block.dtype != dtype:
+    if block.dtype != dtype or not block.flags.writeable:  # the kernels' signatures take writeable arrays
         block = block.astype(dtype)
     return block
 
@@ -144,7 +144,7 @@ def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, p
         bins = int(bins)
     dtype = _kernel_dtype(features.dtype, exact)
     k, c = label_rows.shape[0], n_in.size
-    copies = isinstance(features, np.memmap) or features.dtype != dtype
+    copies = isinstance(features, np.memmap) or features.dtype != dtype or not features.flags.writeable
     if chunk_size is None:
         chunk_size = _default_chunk(n, n_features, dtype.itemsize, k, c, copies)
     elif int(chunk_size) < 1:
@@ -165,6 +165,7 @@ def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, p
             locp = np.empty((k, fc, c), dtype=np.float64)
             locm = np.empty((k, fc, c), dtype=np.float64)
             bad = np.zeros(fc, dtype=np.bool_)
+            label_rows = np.ascontiguousarray(label_rows, dtype=np.int32)
             if exact and dtype == np.float32:
                 _kernels.exact_f32(block, label_rows, n_in, gmax, gmin, locp, locm, bad)
             elif exact:
