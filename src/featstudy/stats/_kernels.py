@@ -1,0 +1,413 @@
+"""Numba kernels of the signed KS engine (private; the public entry points are in :mod:`featstudy.stats.ks`).
+
+Every kernel works on a block of feature columns ``block`` (N, fc) and a matrix of label indices ``labels``
+(K, N) (K = 1 for the real labels, K > 1 for randomized labels sharing one sort per feature), and writes per
+(k, feature, class) the integer extrema
+
+    g_max = max_x g(x),  g_min = min_x g(x),  g(x) = T(x)·n_in − a(x)·N = n_in·n_out·(F_out(x) − F_in(x))
+
+where T(x) = #{i: x_i ≤ x}, a(x) = #{i in c: x_i ≤ x}. Then D+ = g_max / (n_in·n_out) and
+D− = −g_min / (n_in·n_out), and the tie rule D+ ≥ D− is the integer comparison g_max ≥ −g_min (the two share the
+denominator, so "cross-multiplied" comparison needs no multiplication at all). All counts are int64.
+
+Why only O(N + C) work per (feature, permutation): between two runs of values that contain members of class c,
+a(x) is constant and T(x) grows, so g only rises. Hence the maximum of g is reached at the end of the run that
+precedes a run holding members of c (or at the last run, where g = 0), and the minimum at the end of a run that
+holds members of c. One pass over the sorted sample, touching for each element only its own class, sees every
+candidate; candidates are visited in increasing x and replaced only on strict improvement, so the reported
+location is the smallest sample value at which the extremum is attained.
+
+Kernels never call ``numba.get_num_threads()``: that silently disables ``cache=True``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+GROUP = 64  # features gathered together: 256 bytes of float32 per row
+
+# Explicit signatures with layout "A": one compiled (and cached) version per kernel and block dtype, whatever
+# the layout of the caller's arrays (C, F or a column slice), instead of one lazy compile per layout seen.
+_OUT = "int64[:, :, :], int64[:, :, :], float64[:, :, :], float64[:, :, :], boolean[:]"
+_SIG_F32 = f"void(float32[:, :], int32[:, :], int64[:], {_OUT})"
+_SIG_F64 = f"void(float64[:, :], int32[:, :], int64[:], {_OUT})"
+_SIG_BINNED = [f"void({t}[:, :], int32[:, :], int64[:], int64, {_OUT})" for t in ("float32", "float64")]
+
+_SIGN32 = np.uint32(0x80000000)
+_EXP32 = np.uint32(0x7F800000)
+
+
+@njit(cache=True)
+def _run_bounds(skey, rs, re):
+    """For each sorted position i: start rs[i] and end re[i] (exclusive) of its run of equal keys."""
+    n = skey.size
+    cur = 0
+    for i in range(n):
+        if i > 0 and skey[i] != skey[i - 1]:
+            cur = i
+        rs[i] = cur
+    cur = n
+    for i in range(n - 1, -1, -1):
+        if i < n - 1 and skey[i] != skey[i + 1]:
+            cur = i + 1
+        re[i] = cur
+
+
+@njit(cache=True)
+def _packed_runs(srt, t0, t1, offset, sidx, rs, re):
+    """Copy payloads of sorted packed ``srt[t0:t1]`` to ``sidx[offset:]`` and fill their run bounds."""
+    start = offset
+    prev = srt[t0] >> np.uint64(32)
+    for t in range(t0, t1):
+        v = srt[t]
+        k = v >> np.uint64(32)
+        pos = offset + t - t0
+        if k != prev:
+            for q in range(start, pos):
+                re[q] = pos
+            start = pos
+            prev = k
+        sidx[pos] = np.int32(v & np.uint64(0xFFFFFFFF))
+        rs[pos] = start
+    end = offset + t1 - t0
+    for q in range(start, end):
+        re[q] = end
+
+
+@njit(cache=True)
+def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
+    """Extrema of g for every class in one pass over the sorted sample.
+
+    Element i (sorted position, class c = lab[sidx[i]], in run [s, e)) offers the D+ candidate at the end of the
+    previous run, g = s·n_in − a_c·N with a_c counted before i, and the D− candidate at the end of its run,
+    g = e·n_in − a_c·N with a_c counted up to i. For the first member of c in a run the D+ value is exact and for
+    the last the D− value is; the other members offer a smaller D+ value and a larger D− value at the same
+    location, which can never win a strict comparison against the exact one. The first run has no previous run
+    (its D+ candidate, x = −inf, is skipped); the last run's g = 0 is added at the end.
+    """
+    c_count = n_in.size
+    for c in range(c_count):
+        acount[c] = 0
+        gmax[c] = -1  # sentinel: the last run always offers g = 0
+        gmin[c] = 1  # sentinel: the last run holding class c always offers g <= 0
+        imax[c] = n - 1
+        imin[c] = n - 1
+    nn = np.int64(n)
+    for i in range(n):
+        c = np.uint64(lab[np.uint64(sidx[i])])  # unsigned indices: no wraparound checks
+        s = np.int64(rs[i])
+        e = np.int64(re[i])
+        nc = n_in[c]
+        a = acount[c]
+        an = a * nn
+        gp = s * nc - an
+        if gp > gmax[c]:
+            if s > 0:
+                gmax[c] = gp
+                imax[c] = s - 1
+        acount[c] = a + 1
+        gm = e * nc - an - nn
+        if gm < gmin[c]:
+            gmin[c] = gm
+            imin[c] = e - 1
+    for c in range(c_count):
+        if gmax[c] < 0:
+            gmax[c] = 0
+            imax[c] = n - 1
+
+
+@njit(cache=True)
+def _radix_sort_hi32(a, tmp, hist, kmin, kmax):
+    """Sort uint64 ``a`` (key in the high 32 bits, payload below) by key; returns the array holding the result,
+    whose high bits then hold key − kmin.
+
+    LSD radix on (key − kmin): as many passes of ≤ 11 bits as the key range needs (typically 3 of 9–10 bits
+    for real-valued features), each a stable counting sort.
+    """
+    n = a.size
+    rng = np.uint64(kmax - kmin)
+    bits = 0
+    while rng > 0:
+        bits += 1
+        rng >>= np.uint64(1)
+    off = np.uint64(kmin) << np.uint64(32)
+    if bits == 0:
+        for i in range(n):
+            a[i] -= off
+        return a
+    passes = (bits + 10) // 11
+    width = (bits + passes - 1) // passes
+    mask = np.uint64((1 << width) - 1)
+    hist[:, : 1 << width] = 0
+    for i in range(n):
+        v = a[i] - off
+        a[i] = v
+        k = v >> np.uint64(32)
+        for p in range(passes):
+            hist[p, (k >> np.uint64(p * width)) & mask] += 1
+    src = a
+    dst = tmp
+    for p in range(passes):
+        shift = np.uint64(32 + p * width)
+        h = hist[p]
+        if h[(src[0] >> shift) & mask] == n:
+            continue
+        total = 0
+        for b in range(1 << width):
+            cnt = h[b]
+            h[b] = total
+            total += cnt
+        for i in range(n):
+            v = src[i]
+            b = (v >> shift) & mask
+            d = h[b]
+            dst[np.uint64(d)] = v
+            h[b] = d + 1
+        src, dst = dst, src
+    return src
+
+
+@njit(cache=True)
+def _f32_sort_key(bits):
+    """Order-preserving uint32 key of a float32 bit pattern; -0.0 and +0.0 get the same key."""
+    if bits == _SIGN32:  # -0.0 is +0.0
+        bits = np.uint32(0)
+    if bits & _SIGN32:
+        return ~bits
+    return bits | _SIGN32
+
+
+@njit(cache=True)
+def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, values):
+    """Class pass for permutation row k of feature jj; writes the extrema and their locations values[sidx[.]]."""
+    _class_pass(sidx, rs, re, lab, n_in, n, g1, g2, i1, i2, acount)
+    for c in range(n_in.size):
+        gmax[k, jj, c] = g1[c]
+        gmin[k, jj, c] = g2[c]
+        locp[k, jj, c] = values[sidx[i1[c]]]
+        locm[k, jj, c] = values[sidx[i2[c]]]
+
+
+@njit(_SIG_F32, parallel=True, cache=True, nogil=True)
+def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
+    """Exact extrema for a float32 block (N, fc): radix sort of the raw bits, one sort per feature for all K.
+
+    Exact zeros (±0.0, the bulk of post-ReLU data) are kept out of the sort and inserted as one run between
+    the negative and the positive values.
+    """
+    n, fc = block.shape
+    kperm = labels.shape[0]
+    c_count = n_in.size
+    n_groups = (fc + GROUP - 1) // GROUP
+    zero_key = _f32_sort_key(np.uint32(0))
+    for grp in prange(n_groups):
+        j0 = grp * GROUP
+        gw = min(GROUP, fc - j0)
+        col = np.empty((GROUP, n), dtype=np.float32)
+        for i in range(n):
+            for j in range(gw):
+                col[j, i] = block[i, j0 + j]
+        packed = np.empty(n, dtype=np.uint64)
+        tmp = np.empty(n, dtype=np.uint64)
+        zidx = np.empty(n, dtype=np.int32)
+        sidx = np.empty(n, dtype=np.int32)
+        rs = np.empty(n, dtype=np.int32)
+        re = np.empty(n, dtype=np.int32)
+        hist = np.empty((3, 2048), dtype=np.int64)
+        g1 = np.empty(c_count, dtype=np.int64)
+        g2 = np.empty(c_count, dtype=np.int64)
+        i1 = np.empty(c_count, dtype=np.int64)
+        i2 = np.empty(c_count, dtype=np.int64)
+        acount = np.empty(c_count, dtype=np.int64)
+        for j in range(gw):
+            bits = col[j].view(np.uint32)
+            nonfinite = False
+            m = 0
+            nz = 0
+            kmin = np.uint32(0xFFFFFFFF)
+            kmax = np.uint32(0)
+            for i in range(n):
+                b = bits[i]
+                if (b & _EXP32) == _EXP32:
+                    nonfinite = True
+                if (b & np.uint32(0x7FFFFFFF)) == 0:  # +0.0 or -0.0
+                    zidx[nz] = i
+                    nz += 1
+                else:
+                    key = _f32_sort_key(b)
+                    kmin = min(kmin, key)
+                    kmax = max(kmax, key)
+                    packed[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(i)
+                    m += 1
+            if nonfinite:
+                bad[j0 + j] = True
+                continue
+            srt = packed
+            if m > 1:
+                srt = _radix_sort_hi32(packed[:m], tmp[:m], hist, kmin, kmax)
+            # negatives (keys below the zero key) first, then the zero run, then the positives
+            p = 0
+            if m == 1:
+                p = 1 if kmin < zero_key else 0
+            elif m > 1 and kmin < zero_key:  # srt holds key - kmin in its high bits
+                lim = np.uint64(zero_key - kmin) << np.uint64(32)
+                lo_, hi_ = 0, m
+                while lo_ < hi_:
+                    mid = (lo_ + hi_) // 2
+                    if srt[mid] < lim:
+                        lo_ = mid + 1
+                    else:
+                        hi_ = mid
+                p = lo_
+            if p > 0:
+                _packed_runs(srt, 0, p, 0, sidx, rs, re)
+            for z in range(nz):
+                sidx[p + z] = zidx[z]
+                rs[p + z] = p
+                re[p + z] = p + nz
+            if m > p:
+                _packed_runs(srt, p, m, p + nz, sidx, rs, re)
+            for k in range(kperm):
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
+                      col[j])
+
+
+@njit(_SIG_F64, parallel=True, cache=True, nogil=True)
+def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
+    """Exact extrema for a float64 block (N, fc): comparison sort (values compare, so -0.0 == +0.0)."""
+    n, fc = block.shape
+    kperm = labels.shape[0]
+    c_count = n_in.size
+    n_groups = (fc + GROUP - 1) // GROUP
+    for grp in prange(n_groups):
+        j0 = grp * GROUP
+        gw = min(GROUP, fc - j0)
+        col = np.empty((GROUP, n), dtype=np.float64)
+        for i in range(n):
+            for j in range(gw):
+                col[j, i] = block[i, j0 + j]
+        skey = np.empty(n, dtype=np.float64)
+        sidx = np.empty(n, dtype=np.int32)
+        rs = np.empty(n, dtype=np.int32)
+        re = np.empty(n, dtype=np.int32)
+        g1 = np.empty(c_count, dtype=np.int64)
+        g2 = np.empty(c_count, dtype=np.int64)
+        i1 = np.empty(c_count, dtype=np.int64)
+        i2 = np.empty(c_count, dtype=np.int64)
+        acount = np.empty(c_count, dtype=np.int64)
+        for j in range(gw):
+            x = col[j]
+            nonfinite = False
+            for i in range(n):
+                if not np.isfinite(x[i]):
+                    nonfinite = True
+            if nonfinite:
+                bad[j0 + j] = True
+                continue
+            order = np.argsort(x, kind="mergesort")
+            for i in range(n):
+                sidx[i] = order[i]
+                skey[i] = x[order[i]]
+            _run_bounds(skey, rs, re)
+            for k in range(kperm):
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, x)
+
+
+@njit(cache=True)
+def bin_index(x, lo, hi, nbins):
+    """bin = clip(floor((x − min)/(max − min)·B), 0, B−1), evaluated in float64 in exactly this order."""
+    b = np.floor(((np.float64(x) - lo) / (hi - lo)) * nbins)
+    if b < 0.0:
+        return 0
+    if b > nbins - 1:
+        return nbins - 1
+    return np.int64(b)
+
+
+@njit(cache=True)
+def bin_right_edge(b, lo, hi, nbins):
+    """Right edge of bin ``b`` in feature units (the last bin's edge is the maximum itself)."""
+    if b >= nbins - 1:
+        return hi
+    return lo + (hi - lo) * (b + 1) / nbins
+
+
+@njit(_SIG_BINNED, parallel=True, cache=True, nogil=True)
+def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
+    """Binned extrema: B equal-width bins over [min_f, max_f], counting sort on the bin, EDFs at right edges."""
+    n, fc = block.shape
+    kperm = labels.shape[0]
+    c_count = n_in.size
+    n_groups = (fc + GROUP - 1) // GROUP
+    for grp in prange(n_groups):
+        j0 = grp * GROUP
+        gw = min(GROUP, fc - j0)
+        col = np.empty((GROUP, n), dtype=block.dtype)
+        for i in range(n):
+            for j in range(gw):
+                col[j, i] = block[i, j0 + j]
+        bins = np.empty(n, dtype=np.int64)
+        sidx = np.empty(n, dtype=np.int32)
+        rs = np.empty(n, dtype=np.int32)
+        re = np.empty(n, dtype=np.int32)
+        loc_of = np.empty(n, dtype=np.float64)
+        hist = np.empty(nbins, dtype=np.int64)
+        bstart = np.empty(nbins, dtype=np.int64)
+        edges = np.empty(nbins, dtype=np.float64)
+        g1 = np.empty(c_count, dtype=np.int64)
+        g2 = np.empty(c_count, dtype=np.int64)
+        i1 = np.empty(c_count, dtype=np.int64)
+        i2 = np.empty(c_count, dtype=np.int64)
+        acount = np.empty(c_count, dtype=np.int64)
+        for j in range(gw):
+            x = col[j]
+            lo = x[0]
+            hi = x[0]
+            nonfinite = False
+            for i in range(n):
+                v = x[i]
+                if not np.isfinite(v):
+                    nonfinite = True
+                lo = min(lo, v)
+                hi = max(hi, v)
+            if nonfinite:
+                bad[j0 + j] = True
+                continue
+            if hi == lo:  # constant feature: D = 0 for every class
+                for k in range(kperm):
+                    for c in range(c_count):
+                        gmax[k, j0 + j, c] = 0
+                        gmin[k, j0 + j, c] = 0
+                        locp[k, j0 + j, c] = lo
+                        locm[k, j0 + j, c] = lo
+                continue
+            hist[:] = 0
+            for i in range(n):
+                b = bin_index(x[i], lo, hi, nbins)
+                bins[i] = b
+                hist[b] += 1
+            total = 0
+            for b in range(nbins):
+                cnt = hist[b]
+                bstart[b] = total
+                hist[b] = total
+                total += cnt
+            for i in range(n):
+                b = bins[i]
+                pos = hist[b]
+                sidx[pos] = i
+                hist[b] = pos + 1
+            for b in range(nbins):  # hist[b] is now the end of bin b
+                bs = bstart[b]
+                be = hist[b]
+                for pos in range(bs, be):
+                    rs[pos] = bs
+                    re[pos] = be
+            for b in range(nbins):
+                edges[b] = bin_right_edge(b, lo, hi, nbins)
+            for i in range(n):
+                loc_of[i] = edges[bins[i]]
+            for k in range(kperm):
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
+                      loc_of)

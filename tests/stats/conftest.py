@@ -1,0 +1,18 @@
+"""Fixtures of the statistics-engine tests."""
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def relu_data():
+    rng = np.random.default_rng(7)
+    n, f = 240, 24
+    x = np.maximum(rng.normal(0.2, 1.0, (n, f)), 0).astype(np.float32)
+    x = np.round(x, 1)  # many ties besides the zeros
+    x[:, 5] = 1.5  # constant feature
+    x[:, 6] = 0.0  # constant zero feature
+    labels = np.array(["cls%02d" % (i % 7) for i in range(n)])
+    labels[0] = "single"  # a class with one image
+    x[labels == "cls03", 2] += 1.0
+    return x, labels
