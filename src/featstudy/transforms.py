@@ -120,8 +120,7 @@ class ImageTransform:
             img = TF.resize(img, c.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         x = TF.to_tensor(img)  # 3 x H x W in [0, 1]
         if c.name == "ten":
-            five = TF.five_crop(x, [c.size, c.size])
-            x = torch.stack(list(five) + [TF.hflip(t) for t in five])
+            x = torch.stack([*TF.five_crop(x, [c.size, c.size]), *TF.five_crop(TF.hflip(x), [c.size, c.size])])
         elif c.name == "center":
             x = TF.center_crop(x, [c.size, c.size]).unsqueeze(0)
         else:

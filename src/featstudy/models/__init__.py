@@ -116,8 +116,12 @@ def build_network(ms: ModelSpec) -> tuple[nn.Module, str | None]:
             net = tvm.get_model(ms.name, weights=None)
         return net.eval(), None
     state, digest = _weights.load_state_dict(src)
-    net = tvm.get_model(ms.name, weights=None)
-    _weights.load_strict(net, state, src.path)
+    with torch.device("meta"):  # skip the random init that the loaded weights replace
+        net = tvm.get_model(ms.name, weights=None)
+    _weights.load_strict(net, state, src.path, assign=True)
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):  # a non-persistent buffer: build for real
+        net = tvm.get_model(ms.name, weights=None)
+        _weights.load_strict(net, state, src.path)
     return net.eval(), digest
 
 

@@ -190,7 +190,7 @@ def load_state_dict(source: WeightsSource) -> tuple[dict[str, torch.Tensor] | No
     return state, digest
 
 
-def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path, assign: bool = False) -> None:
     """``load_state_dict(strict=True)`` with one-line errors naming the first offending key."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -204,4 +204,6 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -
             raise DataError(
                 f"model.weights: {path}: key {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
             )
-    module.load_state_dict(state, strict=True)
+    if assign:  # keep the model's dtypes (a half-precision file still gives an fp32 model)
+        state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
