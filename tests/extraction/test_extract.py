@@ -124,6 +124,17 @@ def test_config_errors_before_any_work(tmp_path):
         get_embedding(make_cfg(tmp_path, **{"pooling.name": "median"}))
 
 
+LIGHT = {"model": {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+                   "nodes": ["layer1", "layer4", "flatten"]}}
+
+
+def light_cfg(cache, data, **over):
+    """resnet18 (random, seeded) at 32 px: the loop machinery without VGG19's cost."""
+    cfg = make_cfg(cache, dataset=_imagefolder(data), **over)
+    cfg.model = LIGHT["model"]
+    return cfg
+
+
 def _run(cfg_file, env=None):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
     return subprocess.Popen([sys.executable, str(SCRIPT), str(cfg_file)], stdout=subprocess.PIPE,
@@ -138,9 +149,9 @@ def _many(root, n, seed=0):
     return root
 
 
-def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, vgg_file):
+def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
     data = _many(tmp_path / "data", 40)
-    cfg = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(data), **{"loader.batch_size": 2})
+    cfg = light_cfg(tmp_path / "cache", data, **{"loader.batch_size": 1})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     key_dir = tmp_path / "cache" / "embeddings" / plan(cfg).key
     proc = _run(tmp_path / "cfg.yaml")
@@ -154,16 +165,15 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, vgg_file):
     resumed = get_embedding(cfg)
     assert not resumed.hit and 0 < resumed.meta["n_resumed"] < 40
     assert not (key_dir / "shards").exists()
-    whole = get_embedding(make_cfg(tmp_path / "cache2", weights=vgg_file, dataset=_imagefolder(data), **{"loader.batch_size": 5}))
+    whole = get_embedding(light_cfg(tmp_path / "cache2", data, **{"loader.batch_size": 5}))
     a, b = load_embedding(resumed.path), load_embedding(whole.path)
     assert a.paths == b.paths and len(a.paths) == 40
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, vgg_file):
-    data = _many(tmp_path / "data", 12)
-    cfg = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(data),
-                   crops={"name": "center", "resize": 40, "size": 32})
+def test_two_processes_same_key_one_extracts_one_reuses(tmp_path):
+    data = _many(tmp_path / "data", 30)
+    cfg = light_cfg(tmp_path / "cache", data)
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     procs = [_run(tmp_path / "cfg.yaml") for _ in range(2)]
     outs = []
@@ -176,17 +186,16 @@ def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, vgg_file):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_equal_one(tmp_path, vgg_file):
+def test_ddp_two_cpu_processes_equal_one(tmp_path):
     data = _many(tmp_path / "data", 13)
     (data / "c0" / "broken.png").write_bytes(b"\x89PNG not really")
-    common = dict(weights=vgg_file, dataset=_imagefolder(data), crops={"name": "center", "resize": 40, "size": 32})
-    cfg = make_cfg(tmp_path / "ddp", **common, **{"trainer.strategy": "ddp", "trainer.devices": 2,
-                                                  "loader.batch_size": 2, "loader.num_workers": 1})
+    cfg = light_cfg(tmp_path / "ddp", data, **{"trainer.strategy": "ddp", "trainer.devices": 2,
+                                               "loader.batch_size": 2, "loader.num_workers": 1})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     p = _run(tmp_path / "cfg.yaml")
     out, err = p.communicate(timeout=400)
     assert p.returncode == 0, err
     ddp = load_embedding(tmp_path / "ddp" / "embeddings" / json.loads(out.strip().splitlines()[-1])["key"])
-    one = load_embedding(get_embedding(make_cfg(tmp_path / "one", **common)).path)
+    one = load_embedding(get_embedding(light_cfg(tmp_path / "one", data)).path)
     assert ddp.paths == one.paths and len(one.paths) == 13 and ddp.skipped == one.skipped and len(one.skipped) == 1
     np.testing.assert_allclose(ddp.features, one.features, rtol=1e-5, atol=1e-6)
