@@ -118,16 +118,19 @@ class ImageTransform:
             img = TF.resize(img, [c.size, c.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         else:
             img = TF.resize(img, c.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        x = TF.to_tensor(img)  # 3 x H x W in [0, 1]
+        x = self.normalize(TF.to_tensor(img))  # 3 x H x W; elementwise, so normalising before cropping is exact
         if c.name == "ten":
-            x = torch.stack([*TF.five_crop(x, [c.size, c.size]), *TF.five_crop(TF.hflip(x), [c.size, c.size])])
-        elif c.name == "center":
-            x = TF.center_crop(x, [c.size, c.size]).unsqueeze(0)
-        else:
-            x = x.unsqueeze(0)
+            size = [c.size, c.size]
+            return torch.stack([*TF.five_crop(x, size), *TF.five_crop(TF.hflip(x), size)])
+        if c.name == "center":
+            return TF.center_crop(x, [c.size, c.size]).unsqueeze(0).contiguous()
+        return x.unsqueeze(0)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) RGB in [0, 1] -> the weights' input space."""
         if self.std is not None:
-            return (x - self.mean) / self.std
-        return x.flip(1) * 255.0 - self.mean  # RGB -> BGR, 0-255, minus the mean pixel
+            return (x - self.mean[0]) / self.std[0]
+        return x.flip(0) * 255.0 - self.mean[0]  # RGB -> BGR, 0-255, minus the mean pixel
 
     def __repr__(self) -> str:
         c = self.crops
