@@ -88,7 +88,7 @@ def hand_loop(cfg, n, device, channels_last=False, bf16=False, out: Path | None 
                 f = model.per_crop(x)
             f = f.float().view(b, k, -1).mean(1).cpu().numpy()
             _shards.write_shard(out / "shards", 0, batch["ids"].numpy(), f, batch["skipped_ids"].numpy(),
-                                batch["skipped_reasons"])
+                                batch["skipped_reasons"], modes=batch["modes"])
     _shards.merge(out / "shards", out, n_images=len(ds), n_features=len(names), paths=[s for s, _ in ds.samples],
                   labels=ds.targets, classes=ds.classes, feature_names=names, meta={})
     dt = time.perf_counter() - t0

@@ -38,9 +38,14 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 def load_rgb(path) -> Image.Image:
     """Decode an image file fully (a truncated file raises here, not later) and convert it to RGB."""
+    return load_rgb_and_mode(path)[0]
+
+
+def load_rgb_and_mode(path) -> tuple[Image.Image, str]:
+    """:func:`load_rgb` and the file's original PIL mode (``L``, ``CMYK``, ``P``...), counted in meta.json."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(img), img.mode
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

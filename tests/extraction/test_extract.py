@@ -86,6 +86,7 @@ def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_p
     assert m["layers"][0] == "conv1_1" and m["n_features_per_layer"]["fc7"] == 4096 and m["key"] == h.key
     assert m["crops"] == {"name": "ten", "resize": 40, "size": 32, "n_crops": 10}
     assert m["pooling"] == "avg" and m["preprocessing"] == "torchvision" and m["dataset"]["split"] == "all"
+    assert m["image_modes"] == {"CMYK": 1, "I;16": 1, "L": 1, "P": 1, "RGB": 3, "RGBA": 1}
     # 16-bit images are scaled to 8 bits (documented), where PIL's convert("RGB") would clip them at 255
     rows = [i for i, p in enumerate(emb.paths) if p != "dog/deep16.png"]
     ref = independent_vgg19_features(vgg_file, awkward, [emb.paths[i] for i in rows])

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from featstudy.errors import ConfigError, DataError
-from featstudy.transforms import load_rgb
+from featstudy.transforms import load_rgb_and_mode
 
 
 class ImageDataset(Dataset):
@@ -46,7 +46,11 @@ class ImageDataset(Dataset):
 
     def image(self, index: int):
         """The RGB PIL image of sample ``index`` (raises on unreadable or truncated files)."""
-        return load_rgb(self.root / self.samples[index][0])
+        return self.image_and_mode(index)[0]
+
+    def image_and_mode(self, index: int):
+        """(RGB PIL image, the file's original mode) of sample ``index``."""
+        return load_rgb_and_mode(self.root / self.samples[index][0])
 
     def __getitem__(self, index: int):
         img = self.image(index)

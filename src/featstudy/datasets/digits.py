@@ -29,8 +29,8 @@ class Digits(ImageDataset):
         self.classes = [str(int(c)) for c in data.target_names]
         self.samples = [(f"digits/{i:04d}.png", int(t)) for i, t in enumerate(data.target)]
 
-    def image(self, index: int):
-        return Image.fromarray(self._pixels[index], mode="L").convert("RGB")
+    def image_and_mode(self, index: int):
+        return Image.fromarray(self._pixels[index], mode="L").convert("RGB"), "L"
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self._pixels.tobytes())

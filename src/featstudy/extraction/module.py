@@ -33,9 +33,10 @@ class CropsDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         idx = self.ids[i]
         try:
-            return {"id": idx, "image": self.transform(self.base.image(idx)), "reason": ""}
+            img, mode = self.base.image_and_mode(idx)
+            return {"id": idx, "image": self.transform(img), "mode": mode, "reason": ""}
         except Exception as exc:  # noqa: BLE001 - any decode failure is recorded in skipped.txt
-            return {"id": idx, "image": None, "reason": f"{type(exc).__name__}: {exc}"}
+            return {"id": idx, "image": None, "mode": "", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def collate(items: list[dict]) -> dict:
@@ -46,6 +47,7 @@ def collate(items: list[dict]) -> dict:
     return {
         "images": images,
         "ids": torch.tensor([it["id"] for it in ok], dtype=torch.int64),
+        "modes": [it["mode"] for it in ok],
         "skipped_ids": torch.tensor([it["id"] for it in bad], dtype=torch.int64),
         "skipped_reasons": [it["reason"] for it in bad],
     }
@@ -70,7 +72,7 @@ class ExtractionModule(pl.LightningModule):
             feats = self.model.per_crop(x).float().view(b, k, -1).mean(dim=1)
         else:
             feats = torch.zeros(0, self.n_features or 0)
-        return {"ids": batch["ids"], "features": feats, "skipped_ids": batch["skipped_ids"],
+        return {"ids": batch["ids"], "features": feats, "modes": batch["modes"], "skipped_ids": batch["skipped_ids"],
                 "skipped_reasons": batch["skipped_reasons"]}
 
 
@@ -89,7 +91,8 @@ class ShardWriter(BasePredictionWriter):
         if feats.shape[0] == 0:
             feats = np.zeros((0, self.n_features), dtype=np.float32)
         _shards.write_shard(self.shard_dir, trainer.global_rank, prediction["ids"].cpu().numpy(), feats,
-                            prediction["skipped_ids"].cpu().numpy(), list(prediction["skipped_reasons"]))
+                            prediction["skipped_ids"].cpu().numpy(), list(prediction["skipped_reasons"]),
+                            modes=list(prediction["modes"]))
 
     def on_predict_end(self, trainer, pl_module):
         trainer.strategy.barrier("featstudy-shards-written")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def write_shard(folder: Path, rank: int, ids: np.ndarray, features: np.ndarray,
-                skipped_ids: np.ndarray, skipped_reasons: list[str]) -> Path:
+                skipped_ids: np.ndarray, skipped_reasons: list[str], modes: list[str] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     all_ids = np.concatenate([ids, skipped_ids])
     path = folder / f"shard-{int(all_ids.min()):09d}-r{rank}.npz"
@@ -31,7 +31,8 @@ def write_shard(folder: Path, rank: int, ids: np.ndarray, features: np.ndarray,
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, ids=ids.astype(np.int64), features=features.astype(np.float32, copy=False),
-                     skipped_ids=skipped_ids.astype(np.int64), skipped_reasons=np.asarray(skipped_reasons, dtype=str))
+                     skipped_ids=skipped_ids.astype(np.int64), skipped_reasons=np.asarray(skipped_reasons, dtype=str),
+                     modes=np.asarray(modes if modes is not None else ["?"] * len(ids), dtype=str))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -83,10 +84,13 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
     seen = np.zeros(n_images, dtype=np.int8)
     skipped: dict[int, str] = {}
     row_ids = []
+    modes: dict[str, int] = {}
     for path in files:
         with np.load(path) as z:
             ids = z["ids"]
             row_ids.append(ids)
+            for m in z["modes"].tolist() if "modes" in z.files else []:
+                modes[m] = modes.get(m, 0) + 1
             seen[ids] += 1
             for i, r in zip(z["skipped_ids"].tolist(), z["skipped_reasons"].tolist()):
                 seen[i] += 1
@@ -131,7 +135,8 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
     atomic_write_text(out / "feature_names.txt", "".join(f"{n}\n" for n in feature_names))
     reasons = [f"{paths[i]}\t{' '.join(skipped[i].split())}" for i in sorted(skipped)]
     atomic_write_text(out / "skipped.txt", "".join(f"{r}\n" for r in reasons))
-    meta = {**meta, "n_images": n_rows, "n_skipped": len(skipped), "n_dataset": n_images}
+    meta = {**meta, "n_images": n_rows, "n_skipped": len(skipped), "n_dataset": n_images,
+            "image_modes": dict(sorted(modes.items()))}
     import json
 
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
