@@ -110,6 +110,7 @@ def test_cache_hit_runs_no_forward_and_key_ignores_loader_and_root_spelling(tmp_
         assert plan(make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(awkward),
                              crops={"name": "center", "resize": 40, "size": 32}, **change)).key != first.key, change
     assert plan(make_cfg(tmp_path / "c", weights="random", **{"model.seed": 1})).key != plan(make_cfg(tmp_path / "c")).key
+    assert plan(make_cfg(tmp_path / "c", **{"trainer.precision": 32})).key == plan(make_cfg(tmp_path / "c")).key
     (awkward / "cat" / "rgb0.png").unlink()  # other data, other key
     assert plan(cfg).key != first.key
 

@@ -80,7 +80,7 @@ def plan(cfg) -> Plan:
             raise ConfigError(f"{group}: missing config group")
     crops = crop_spec(cfg.crops)
     pool = pooling.check(str(_get(cfg, "pooling.name", "avg")))
-    precision = str(_get(cfg, "trainer.precision", "32-true"))
+    precision = plan_precision(cfg)
     ms = models.spec(cfg.model)
     ds = datasets.from_config(cfg.dataset)
     if len(ds) == 0:
@@ -129,18 +129,20 @@ def get_embedding(cfg) -> EmbeddingHandle:
     p = plan(cfg)
     if is_complete(p.folder):
         log.info("embedding %s: cache hit (%s)", p.key, p.folder)
+        if _env_rank() == 0:
+            shutil.rmtree(p.folder / "shards", ignore_errors=True)  # left if a run died between DONE and cleanup
         return _handle(p, hit=True)
     rank = _env_rank()
     if rank != 0:  # a DDP child: rank 0 holds the lock and merges
         _extract(cfg, p)
         return _handle(p, hit=False)
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     p.folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(p.folder.parent / f"{p.key}.lock"))
     try:
         lock.acquire(timeout=0)
-    except Exception:  # noqa: BLE001 - filelock.Timeout: another process extracts this key
+    except Timeout:
         log.info("embedding %s: another process is extracting it; waiting for its lock", p.key)
         lock.acquire()
     try:
@@ -154,13 +156,19 @@ def get_embedding(cfg) -> EmbeddingHandle:
     return _handle(p, hit=False)
 
 
+def plan_precision(cfg) -> str:
+    """``trainer.precision`` in Lightning's current spelling (``32`` -> ``32-true``, ``bf16`` -> ``bf16-mixed``)."""
+    precision = str(_get(cfg, "trainer.precision", "32-true"))
+    return {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(precision, precision)
+
+
 def _trainer_kwargs(cfg) -> dict:
     return {
         "accelerator": _get(cfg, "trainer.accelerator", "auto"),
         "devices": _get(cfg, "trainer.devices", "auto"),
         "num_nodes": int(_get(cfg, "trainer.num_nodes", 1)),
         "strategy": _get(cfg, "trainer.strategy", "auto"),
-        "precision": _get(cfg, "trainer.precision", "32-true"),
+        "precision": plan_precision(cfg),
     }
 
 
@@ -238,7 +246,7 @@ def _extract(cfg, p: Plan) -> None:
                              default_root_dir=str(p.folder), inference_mode=True)
     except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException and ValueError
         raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
-    if str(p.precision) in ("32", "32-true") and torch.cuda.is_available():
+    if p.precision == "32-true" and torch.cuda.is_available():
         # IEEE fp32 on GPUs too: cuDNN would otherwise run convolutions in TF32 (~1e-3 relative), changing the numbers
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
