@@ -172,6 +172,32 @@ def _trainer_kwargs(cfg) -> dict:
     }
 
 
+@dataclass
+class _Merge:
+    """Shards -> store, then delete the shards (run once, on global rank 0; picklable for ``ddp_spawn``)."""
+
+    shard_dir: Path
+    folder: Path
+    key: str
+    n_images: int
+    n_features: int
+    paths: list
+    labels: list
+    classes: list
+    feature_names: list
+    meta: dict
+
+    def __call__(self) -> None:
+        from featstudy.extraction import shards as _shards
+
+        t = time.perf_counter()
+        _shards.merge(self.shard_dir, self.folder, n_images=self.n_images, n_features=self.n_features,
+                      paths=self.paths, labels=self.labels, classes=self.classes,
+                      feature_names=self.feature_names, meta=self.meta)
+        shutil.rmtree(self.shard_dir, ignore_errors=True)
+        log.info("embedding %s: merged in %.1fs into %s", self.key, time.perf_counter() - t, self.folder)
+
+
 def _extract(cfg, p: Plan) -> None:
     import pytorch_lightning as pl
     import torch
@@ -208,7 +234,6 @@ def _extract(cfg, p: Plan) -> None:
         "preprocessing": p.model.preprocessing,
         "precision": p.precision,
         "dataset": ds.describe(),
-        "classes": len(ds.classes),
     }
 
     index = _shards.scan(shard_dir)
@@ -217,13 +242,8 @@ def _extract(cfg, p: Plan) -> None:
     if index.done:
         log.info("embedding %s: resuming, %d of %d images already in %d shards", p.key, len(index.done), len(ds), len(index.files))
 
-    def merge() -> None:
-        t = time.perf_counter()
-        _shards.merge(shard_dir, p.folder, n_images=len(ds), n_features=n_features,
-                      paths=[s[0] for s in ds.samples], labels=ds.targets, classes=ds.classes,
-                      feature_names=names, meta=meta)
-        shutil.rmtree(shard_dir, ignore_errors=True)
-        log.info("embedding %s: merged in %.1fs into %s", p.key, time.perf_counter() - t, p.folder)
+    merge = _Merge(shard_dir, p.folder, p.key, len(ds), n_features, [s[0] for s in ds.samples], ds.targets,
+                   ds.classes, names, meta)
 
     if not todo:
         if _env_rank() == 0:
