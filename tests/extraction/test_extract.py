@@ -24,7 +24,7 @@ from featstudy.extraction import get_embedding, plan
 from featstudy.models.vgg19 import LAYER_TABLE
 from featstudy.store import load_embedding
 
-from conftest import awkward_folder, make_cfg
+from extract_helpers import awkward_folder, make_cfg
 
 SCRIPT = Path(__file__).with_name("run_extraction.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
