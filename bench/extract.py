@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from featstudy import datasets, models
 from featstudy.extraction import get_embedding, plan
