@@ -142,6 +142,9 @@ def main():
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("--accelerator gpu: no CUDA device here")
+    if device.type == "cuda":  # the same IEEE fp32 as featstudy's default path (no TF32) for the hand loop
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     n = args.n_images
     tmp_data = tempfile.TemporaryDirectory(prefix="bench-digits-")
     args.data = write_digits(Path(tmp_data.name), n)

@@ -266,10 +266,14 @@ def _extract(cfg, p: Plan) -> None:
                              default_root_dir=str(p.folder), inference_mode=True)
     except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException and ValueError
         raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
+    log.info("embedding %s: extracting %d images (%d crops each, forward batch %d) into %s",
+             p.key, len(todo), p.crops.n_crops, batch_size * p.crops.n_crops, p.folder)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     if p.precision == "32-true" and torch.cuda.is_available():
         # IEEE fp32 on GPUs too: cuDNN would otherwise run convolutions in TF32 (~1e-3 relative), changing the numbers
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    log.info("embedding %s: extracting %d images (%d crops each, forward batch %d) into %s",
-             p.key, len(todo), p.crops.n_crops, batch_size * p.crops.n_crops, p.folder)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
