@@ -24,8 +24,6 @@ from featstudy.extraction import get_embedding, plan
 from featstudy.models.vgg19 import LAYER_TABLE
 from featstudy.store import load_embedding
 
-from extract_helpers import awkward_folder, make_cfg
-
 SCRIPT = Path(__file__).with_name("run_extraction.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -64,7 +62,7 @@ def _imagefolder(root):
     return {"name": "imagefolder", "root": str(root), "split": "all", "download": False}
 
 
-def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_path, vgg_file):
+def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_path, vgg_file, make_cfg, awkward_folder):
     awkward = awkward_folder(tmp_path / "awkward", n_per_class=1)
     cfg = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(awkward))
     h = get_embedding(cfg)
@@ -93,7 +91,7 @@ def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_p
     np.testing.assert_allclose(emb.features[rows], ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
 
 
-def test_cache_hit_runs_no_forward_and_key_ignores_loader_and_root_spelling(tmp_path, awkward, vgg_file, monkeypatch):
+def test_cache_hit_runs_no_forward_and_key_ignores_loader_and_root_spelling(tmp_path, awkward, vgg_file, monkeypatch, make_cfg):
     cfg = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(awkward),
                    crops={"name": "center", "resize": 40, "size": 32})
     first = get_embedding(cfg)
@@ -115,7 +113,7 @@ def test_cache_hit_runs_no_forward_and_key_ignores_loader_and_root_spelling(tmp_
     assert plan(cfg).key != first.key
 
 
-def test_config_errors_before_any_work(tmp_path):
+def test_config_errors_before_any_work(tmp_path, make_cfg):
     with pytest.raises(ConfigError, match=r"dataset.split: 'train' is not a split of digits; valid: \['all'\]"):
         get_embedding(make_cfg(tmp_path, **{"dataset.split": "train"}))
     with pytest.raises(DataError, match=r"dataset.root: .*nowhere.*dataset.download=true"):
@@ -130,11 +128,16 @@ LIGHT = {"model": {"name": "resnet18", "weights": "random", "preprocessing": "to
                    "nodes": ["layer1", "layer4", "flatten"]}}
 
 
-def light_cfg(cache, data, **over):
+@pytest.fixture
+def light_cfg(make_cfg):
     """resnet18 (random, seeded) at 32 px: the loop machinery without VGG19's cost."""
-    cfg = make_cfg(cache, dataset=_imagefolder(data), **over)
-    cfg.model = LIGHT["model"]
-    return cfg
+
+    def build(cache, data, **over):
+        cfg = make_cfg(cache, dataset=_imagefolder(data), **over)
+        cfg.model = LIGHT["model"]
+        return cfg
+
+    return build
 
 
 def _run(cfg_file, env=None):
@@ -151,7 +154,7 @@ def _many(root, n, seed=0):
     return root
 
 
-def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
+def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, light_cfg):
     data = _many(tmp_path / "data", 60)
     cfg = light_cfg(tmp_path / "cache", data, **{"loader.batch_size": 1})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
@@ -173,7 +176,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_same_key_one_extracts_one_reuses(tmp_path):
+def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, light_cfg):
     data = _many(tmp_path / "data", 30)
     cfg = light_cfg(tmp_path / "cache", data)
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
@@ -188,7 +191,7 @@ def test_two_processes_same_key_one_extracts_one_reuses(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_equal_one(tmp_path):
+def test_ddp_two_cpu_processes_equal_one(tmp_path, light_cfg):
     data = _many(tmp_path / "data", 13)
     (data / "c0" / "broken.png").write_bytes(b"\x89PNG not really")
     cfg = light_cfg(tmp_path / "ddp", data, **{"trainer.strategy": "ddp", "trainer.devices": 2,
@@ -205,7 +208,7 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_fp32_equals_cpu(tmp_path, awkward, vgg_file):
+def test_gpu_fp32_equals_cpu(tmp_path, awkward, vgg_file, make_cfg):
     common = dict(weights=vgg_file, dataset=_imagefolder(awkward))
     gpu = get_embedding(make_cfg(tmp_path / "gpu", **common, **{"trainer.accelerator": "gpu"}))
     cpu = get_embedding(make_cfg(tmp_path / "cpu", **common))
