@@ -190,6 +190,15 @@ def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, light_cfg):
     assert sorted(o["hit"] for o in outs) == [False, True]
 
 
+def test_channels_last_is_an_opt_in_with_the_same_numbers(tmp_path, light_cfg):
+    data = _many(tmp_path / "data", 6)
+    plain = get_embedding(light_cfg(tmp_path / "a", data))
+    fast = get_embedding(light_cfg(tmp_path / "b", data, **{"trainer.channels_last": True}))
+    assert fast.key == plain.key and fast.meta["channels_last"] and not plain.meta["channels_last"]
+    a, b = load_embedding(plain.path), load_embedding(fast.path)
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-5 * float(np.abs(a.features).max()))
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one(tmp_path, light_cfg):
     data = _many(tmp_path / "data", 13)

@@ -257,7 +257,9 @@ def _extract(cfg, p: Plan) -> None:
     loader = DataLoader(CropsDataset(ds, transform, todo), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False)
-    module = ExtractionModule(model)
+    channels_last = bool(_get(cfg, "trainer.channels_last", False))
+    module = ExtractionModule(model, channels_last=channels_last)
+    meta["channels_last"] = channels_last
     module.n_features = n_features
     writer = ShardWriter(shard_dir, n_features, merge_fn=merge)
     try:

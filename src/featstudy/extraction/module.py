@@ -58,7 +58,7 @@ class ExtractionModule(pl.LightningModule):
 
     def __init__(self, model: torch.nn.Module, channels_last: bool = False):
         super().__init__()
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.channels_last = channels_last
         self.n_features = None
 
