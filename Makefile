@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean help
+.PHONY: venv demo test test-fast bench clean help tracking-server tracking-server-stop bench-tracking
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -28,6 +28,15 @@ test-fast: $(STAMP)  ## the suite without slow end-to-end tests
 
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
 	$(PY) bench/ks.py
+
+tracking-server: $(STAMP)  ## PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5055 (installs PostgreSQL where absent)
+	scripts/tracking_server.sh start
+
+tracking-server-stop:  ## stop the tracking server and its PostgreSQL
+	scripts/tracking_server.sh stop
+
+bench-tracking: $(STAMP)  ## 50 concurrent runs against the local tracking server (start it first)
+	$(PY) bench/tracking_load.py --uri http://127.0.0.1:5055 --runs 50
 
 clean:  ## remove build artefacts (keeps .venv, mlruns/ and outputs/)
 	rm -rf build dist src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,38 @@
+"""scikit-learn's bundled handwritten digits: 1,797 real 8x8 grey images of 10 classes, the offline demo data.
+
+Pixel values 0-16 are scaled to 0-255 (``round(v * 255 / 16)``), made an ``L`` image, then RGB. No files: the
+relative path of image i is ``digits/<i:04d>.png`` (a name only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from featstudy.datasets.base import ImageDataset
+
+
+class Digits(ImageDataset):
+    """sklearn.datasets.load_digits as an image dataset; ``root`` is ignored, ``split='all'``."""
+
+    name = "digits"
+    splits = ("all",)
+
+    def __init__(self, root=None, split: str = "all", download: bool = False, transform=None):
+        super().__init__(None, split, download, transform)
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        self._pixels = np.rint(data.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        self.classes = [str(int(c)) for c in data.target_names]
+        self.samples = [(f"digits/{i:04d}.png", int(t)) for i, t in enumerate(data.target)]
+
+    def image_and_mode(self, index: int):
+        return Image.fromarray(self._pixels[index], mode="L").convert("RGB"), "L"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self._pixels.tobytes())
+        h.update(np.asarray(self.targets, dtype=np.int64).tobytes())
+        return h.hexdigest()

@@ -1,0 +1,153 @@
+"""Models as feature extractors: a torchvision classifier, the graph nodes to read, and spatial pooling.
+
+:func:`build` turns ``cfg.model`` into a :class:`FeatureModel`, an ``nn.Module`` mapping a batch of crops
+(B, K, 3, H, W) to pooled features (B, F):
+
+.. math::
+
+    f_j(x) = \\frac{1}{K} \\sum_{k=1}^{K} \\operatorname{pool}\\big(a_{\\ell(j)}(\\mathrm{crop}_k(x))\\big)_{c(j)}
+
+i.e. each requested node's activation is pooled over space *per crop* (:mod:`featstudy.pooling`), the layers are
+concatenated in table order, and the K crops are averaged (paper §3.2). The nodes are read with
+``torchvision.models.feature_extraction.create_feature_extractor``, which prunes the graph after the last requested
+node (VGG19's fc8 is never computed).
+
+``model.name=vgg19`` with ``model.nodes`` unset uses the paper's table (:mod:`featstudy.models.vgg19`); any other
+torchvision classification model (``model=torchvision model.name=resnet50``) takes ``model.nodes``, a list of graph
+node names from ``get_graph_node_names``, named in the features after the node itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from featstudy import pooling as _pooling
+from featstudy.errors import ConfigError
+from featstudy.models import vgg19 as _vgg19
+from featstudy.models import weights as _weights
+
+NODE_HINT = (
+    "list valid nodes with: python -c \"import torchvision; from torchvision.models.feature_extraction import "
+    "get_graph_node_names as g; print(g(torchvision.models.get_model('{name}'))[1])\""
+)
+
+
+@dataclass
+class ModelSpec:
+    """A validated ``cfg.model``: the torchvision name, the node -> layer-name table and the weights source."""
+
+    name: str
+    nodes: dict[str, str]
+    weights: _weights.WeightsSource
+    preprocessing: str
+    channels: dict[str, int] = field(default_factory=dict)  # layer -> channels, filled when known
+
+    def key_fields(self) -> dict:
+        return {"name": self.name, "nodes": self.nodes, "preprocessing": self.preprocessing, **self.weights.key_fields()}
+
+
+def classification_models() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def spec(cfg_model) -> ModelSpec:
+    """Validate ``cfg.model`` without building the network (cheap: runs before any data is read).
+
+    Raises ConfigError for an unknown model name, an empty node list or a bad preprocessing name, and
+    ConfigError/DataError from :func:`featstudy.models.weights.resolve`.
+    """
+    from featstudy.transforms import check_preprocessing
+
+    name = str(cfg_model.get("name", "vgg19"))
+    models = classification_models()
+    if name not in models:
+        raise ConfigError(f"model.name: {name!r} is not a torchvision classification model; valid: torchvision.models.list_models(module=torchvision.models), e.g. {models[:6]}")
+    nodes = cfg_model.get("nodes")
+    if nodes is None:
+        if name != "vgg19":
+            raise ConfigError(f"model.nodes: required for {name} (only vgg19 has a default table); " + NODE_HINT.format(name=name))
+        table = _vgg19.return_nodes()
+        channels = {layer: c for layer, c in _vgg19.LAYER_TABLE.values()}
+    else:
+        nodes = list(nodes)
+        if not nodes:
+            raise ConfigError("model.nodes: empty list")
+        if len(set(nodes)) != len(nodes):
+            raise ConfigError(f"model.nodes: duplicate node names in {nodes}")
+        table = {n: n for n in nodes}
+        channels = {}
+    src = _weights.resolve(name, cfg_model.get("weights"), int(cfg_model.get("seed", 0) or 0))
+    return ModelSpec(name=name, nodes=table, weights=src, preprocessing=check_preprocessing(str(cfg_model.get("preprocessing", "torchvision"))), channels=channels)
+
+
+class FeatureModel(nn.Module):
+    """(B, K, 3, H, W) crops -> (B, F) features: read the nodes, pool each per crop, concatenate, mean over crops."""
+
+    def __init__(self, body: nn.Module, layers: list[str], pooling: str):
+        super().__init__()
+        self.body = body
+        self.layers = list(layers)
+        self.pooling = _pooling.check(pooling)
+
+    def per_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, F): pooled features of each crop, layers in table order."""
+        out = self.body(x)
+        return torch.cat([_pooling.pool(out[name], self.pooling).flatten(1) for name in self.layers], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape[:2]
+        f = self.per_crop(x.flatten(0, 1))
+        return f.view(b, k, -1).mean(dim=1)
+
+
+def build_network(ms: ModelSpec) -> tuple[nn.Module, str | None]:
+    """The torchvision network with its weights loaded; returns (network in eval mode, checkpoint sha256 or None)."""
+    import torchvision.models as tvm
+
+    src = ms.weights
+    if src.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(src.seed)
+            net = tvm.get_model(ms.name, weights=None)
+        return net.eval(), None
+    state, digest = _weights.load_state_dict(src)
+    with torch.device("meta"):  # skip the random init that the loaded weights replace
+        net = tvm.get_model(ms.name, weights=None)
+    _weights.load_strict(net, state, src.path, assign=True)
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):  # a non-persistent buffer: build for real
+        net = tvm.get_model(ms.name, weights=None)
+        _weights.load_strict(net, state, src.path)
+    return net.eval(), digest
+
+
+def build(ms: ModelSpec, pooling: str, crop_size: int) -> tuple[FeatureModel, dict[str, int], str | None]:
+    """Build the :class:`FeatureModel`; returns it, the channels per layer (in order) and the weights' sha256."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    net, digest = build_network(ms)
+    try:
+        body = create_feature_extractor(net, return_nodes=dict(ms.nodes))
+    except ValueError as exc:
+        unknown = [n for n in ms.nodes if f"'{n}'" in str(exc)] or list(ms.nodes)
+        raise ConfigError(f"model.nodes: {unknown[0]!r} is not a graph node of {ms.name}; " + NODE_HINT.format(name=ms.name)) from exc
+    layers = list(ms.nodes.values())
+    model = FeatureModel(body.eval(), layers, pooling).eval()
+    channels = dict(ms.channels)
+    if len(channels) != len(layers):
+        with torch.no_grad():
+            out = body(torch.zeros(1, 3, crop_size, crop_size))
+        channels = {}
+        for name in layers:
+            pooled = _pooling.pool(out[name], pooling).flatten(1)
+            channels[name] = int(pooled.shape[1])
+    return model, channels, digest
+
+
+def feature_names(channels: dict[str, int]) -> list[str]:
+    """``layer:channel`` for every column, in column order (e.g. ``conv4_1:221``)."""
+    return [f"{layer}:{c}" for layer, n in channels.items() for c in range(n)]

@@ -1,0 +1,44 @@
+"""Spatial pooling of one layer's activations to one value per channel (paper §3.2).
+
+For a conv activation :math:`a \\in \\mathbb{R}^{C \\times H \\times W}` of one crop,
+
+.. math::
+
+    f^{avg}_c = \\frac{1}{HW} \\sum_{h,w} a_{c,h,w} \\qquad f^{max}_c = \\max_{h,w} a_{c,h,w}
+
+``pooling=avg`` is the paper's. Pooling is applied per crop; the mean over crops is taken afterwards
+(:mod:`featstudy.models`). A 2-D activation (fc layers, ``N x C``) is already one value per unit and passes through;
+a 3-D one (transformer tokens, ``N x T x D``) is pooled over its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featstudy.errors import ConfigError
+
+POOLINGS = ("avg", "max")
+
+
+def check(name: str) -> str:
+    """Validate ``pooling.name``."""
+    if name not in POOLINGS:
+        raise ConfigError(f"pooling.name: {name!r} is not one of {list(POOLINGS)}")
+    return name
+
+
+def pool(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Pool an activation of shape (N, C, H, W), (N, T, D) or (N, C) to (N, C)."""
+    if x.dim() == 2:
+        return x
+    if x.dim() == 4:
+        dims = (2, 3)
+    elif x.dim() == 3:
+        dims = (1,)
+    else:
+        raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
+    if name == "avg":
+        return x.mean(dim=dims)
+    if name == "max":
+        return x.amax(dim=dims)
+    raise ConfigError(f"pooling.name: {name!r} is not one of {list(POOLINGS)}")
