@@ -22,6 +22,8 @@ def _dataset_cfg(meta: dict) -> dict | None:
     if not isinstance(ds, dict) or not ds.get("name"):
         return None
     cfg = {"name": ds["name"], "root": ds.get("root"), "split": ds.get("split"), "download": False}
+    if ds.get("per_class") is not None:
+        cfg["per_class"] = ds["per_class"]
     fields = (meta.get("key_fields") or {}).get("dataset") or {}
     for key in ("n_classes", "class_seed"):
         if key in fields:

@@ -51,4 +51,6 @@ def from_config(cfg_dataset, transform=None) -> ImageDataset:
     kwargs = {}
     if name == "imagenet_val":
         kwargs = {"n_classes": int(cfg_dataset.get("n_classes", 500)), "class_seed": int(cfg_dataset.get("class_seed", 0))}
+    if name == "digits" and cfg_dataset.get("per_class") is not None:
+        kwargs = {"per_class": cfg_dataset.get("per_class")}
     return cls(root, split=split, download=bool(cfg_dataset.get("download", False)), transform=transform, **kwargs)
