@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM (e.g. from SLURM or ``kill``)."""
+    """Raised in the main thread when the process receives SIGTERM (``kill``, SLURM at the time limit) or SIGUSR1 /
+    SIGUSR2 (SLURM's and submitit's warning before the time limit, ``hydra/launcher=slurm``)."""
+
+
+#: signals that end a job as KILLED (SIGINT already raises KeyboardInterrupt)
+KILL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -61,8 +66,8 @@ def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
     """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
 
-    FINISHED once the task returned (so after every artifact is logged), KILLED on SIGINT/SIGTERM, FAILED on any
-    other exception. The ``finally`` ends the run and prints the output folder whatever happened.
+    FINISHED once the task returned (so after every artifact is logged), KILLED on SIGINT, SIGTERM, SIGUSR1 or
+    SIGUSR2, FAILED on any other exception. The ``finally`` ends the run and prints the output folder whatever happened.
     """
 
     @functools.wraps(task)
@@ -84,7 +89,7 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags)
 
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}
         status = "FAILED"
         t0 = time.perf_counter()
         try:
@@ -99,8 +104,8 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             log.exception("run failed: MLflow run marked FAILED")
             raise
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             if status == "FINISHED":
                 tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
             tracker.end(status)

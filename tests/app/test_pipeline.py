@@ -143,16 +143,17 @@ def test_a_failing_job_is_failed_and_so_is_its_sweep(sweep, image_folder, helper
     assert parent.info.status == "FAILED"
 
 
-def test_sigterm_marks_the_run_killed(sweep, image_folder, helpers, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_signal_marks_the_run_killed(sig, sweep, image_folder, helpers, monkeypatch):
     import featstudy.app
 
     root, uri, _ = sweep
     before = {r.info.run_id for r in all_runs(uri)}
 
     def terminated(cfg):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         time.sleep(10)
-        raise AssertionError("SIGTERM was not delivered")
+        raise AssertionError(f"{sig} was not delivered")
 
     monkeypatch.setattr(featstudy.app, "_get_embedding", terminated)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
@@ -160,7 +161,7 @@ def test_sigterm_marks_the_run_killed(sweep, image_folder, helpers, monkeypatch)
         helpers.run_cli(helpers.tiny_overrides(root, image_folder), monkeypatch)
     new = [r for r in all_runs(uri) if r.info.run_id not in before]
     assert [r.info.status for r in new] == ["KILLED"]
-    assert signal.getsignal(signal.SIGTERM) is not featstudy.app._raise_terminated
+    assert signal.getsignal(sig) is not featstudy.app._raise_terminated
 
 
 def test_report_compares_runs_and_is_logged(sweep, tmp_path):
