@@ -77,3 +77,20 @@ def test_top_features_figure_renders_rows_with_missing_cells(tmp_path):
              "class_images": [np.zeros((8, 8, 3), np.uint8)], "class_label": "class a"}]
     files = plots.save_figure(plots.fig_top_features(rows, "t"), tmp_path, "fig2", ["png"], 50)
     assert files == [tmp_path / "fig2.png"] and files[0].stat().st_size > 1000
+
+
+def test_report_draws_fig8_when_imagenet_is_among_the_runs(tmp_path):
+    from featstudy.report import build_report
+
+    rng = np.random.default_rng(0)
+    layer_of = np.array(["conv1_1"] * 4 + ["conv5_4"] * 2 + ["fc7"] * 2)
+    runs = [{"run_id": f"r{i}", "dataset": name} for i, name in enumerate(["cub200", "mit67", "imagenet_val"])]
+    arrays = {r["run_id"]: {"d": rng.uniform(-1, 1, (8, 5)), "layer_of_feature": layer_of} for r in runs}
+    tables = {r["run_id"]: [{"dataset": r["dataset"], "t_plus": "0.1"}] for r in runs}
+    files = build_report(runs, arrays, tables, tmp_path, ["png"])
+    names = {f.relative_to(tmp_path).as_posix() for f in files}
+    assert names == {"figures/fig5.png", "figures/fig6.png", "figures/fig8.png", "tables/table4.csv"}
+    assert (tmp_path / "tables" / "table4.csv").read_text().splitlines() == [
+        "dataset,t_plus,run_id", "cub200,0.1,r0", "mit67,0.1,r1", "imagenet_val,0.1,r2"]
+    files = build_report(runs[:2], arrays, tables, tmp_path / "no_imagenet", ["png"])
+    assert not any(f.name == "fig8.png" for f in files)

@@ -75,7 +75,7 @@ def dataset_name(meta: dict) -> str | None:
 
 
 def _same_network(a: dict, b: dict) -> bool:
-    for key in ("model", "weights", "weights_tag", "crops", "pooling"):
+    for key in ("model", "nodes", "weights", "weights_sha256", "preprocessing", "crops", "pooling"):
         if key in a and key in b and a[key] != b[key]:
             return False
     return True
