@@ -113,3 +113,26 @@ def test_flatten_gives_dotted_keys(compose):
     assert flat["analysis.layers"] == "null"
     assert flat["analysis.callbacks.figures.formats"] == "['png', 'pdf']"
     assert not any(k.startswith("hydra") for k in flat)
+
+
+def test_every_analysis_callback_instantiates_in_order(compose):
+    from featstudy.analysis import AnalysisCallback, instantiate_callbacks
+
+    callbacks = instantiate_callbacks(compose([]).analysis.callbacks)
+    assert [name for name, _ in callbacks] == ["ks", "thresholds", "figures", "null"]
+    assert all(isinstance(cb, AnalysisCallback) and cb.name == name for name, cb in callbacks)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("analysis.callbacks.figures.formats=[gif]", "analysis.callbacks.figures.formats"),
+    ("analysis.callbacks.figures.which=[fig4]", "analysis.callbacks.figures.which"),
+    ("analysis.callbacks.null.q=2", "analysis.callbacks.null.q"),
+    ("analysis.callbacks.ks._target_=featstudy.nope.Nope", "analysis.callbacks.ks"),
+    ("analysis.callbacks.ks._target_=featstudy.store.Embedding", "analysis.callbacks.ks"),
+])
+def test_bad_callback_settings_name_the_key(override, key, compose):
+    from featstudy.analysis import instantiate_callbacks
+
+    with pytest.raises(ConfigError) as err:
+        instantiate_callbacks(compose([override]).analysis.callbacks)
+    assert key in str(err.value) and "\n" not in str(err.value)
