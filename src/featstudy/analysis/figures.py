@@ -71,7 +71,8 @@ class FiguresCallback(AnalysisCallback):
             raise ConfigError(f"analysis.callbacks.figures.which: unknown {unknown}; allowed {list(FIGURES)}")
         self.top_k, self.n_images, self.n_class_images = int(top_k), int(n_images), int(n_class_images)
         self.dpi = int(dpi)
-        self.fig1_feature, self.fig1_class = fig1_feature, fig1_class
+        self.fig1_feature = None if fig1_feature is None else str(fig1_feature)
+        self.fig1_class = None if fig1_class is None else str(fig1_class)
         self.step = float(step)
 
     def _save(self, ctx: AnalysisContext, fig, name: str) -> list[Path]:
