@@ -109,14 +109,15 @@ def main() -> None:
     stderr = sys.stderr
     if not full:
         sys.stderr = _QuietJobErrors(stderr)
-    interrupted = False
+    interrupted = failed = False
     try:
         _entry()
     except KeyboardInterrupt:
         interrupted = True
         raise
-    except _user_error_types() as exc:
-        if full:
+    except BaseException as exc:
+        failed = not isinstance(exc, SystemExit) or exc.code not in (0, None)
+        if not isinstance(exc, _user_error_types()) or full:
             raise
         print(f"featstudy: error: {one_line(exc)}", file=stderr)
         sys.exit(EXIT_USAGE)
@@ -124,7 +125,7 @@ def main() -> None:
         sys.stderr = stderr
         from featstudy.tracking import end_open_sweeps
 
-        end_open_sweeps(interrupted=interrupted)
+        end_open_sweeps(interrupted=interrupted, failed=failed)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from featstudy import __version__
-from featstudy.config import resolve_paths, validate
+from featstudy.config import config_hash, resolve_paths, validate
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,20 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
+        digest = config_hash(cfg)
+        if cfg.tracking.get("resume") and cfg.tracking.uri is not None:
+            from featstudy.tracking import find_finished_run
+
+            done = find_finished_run(str(cfg.tracking.uri), str(cfg.tracking.experiment_name), digest)
+            if done is not None:
+                print(f"[featstudy] tracking.resume: skipped, identical FINISHED run {done.info.run_id} "
+                      f"({done.data.tags.get('featstudy.output_dir', '')})", file=sys.stderr)
+                return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id, "skipped": True}
+
         run_name, parent = _run_identity(cfg)
         sha = git_sha(Path(__file__).resolve().parent, Path(cfg.paths.root_dir))
         tags = {"featstudy.version": __version__, "version": __version__,
-                "featstudy.output_dir": str(output_dir), "featstudy.role": "job"}
+                "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest}
         if sha:
             tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
         tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags)

@@ -114,3 +114,17 @@ def flatten(cfg: DictConfig | Mapping, prefix: str = "", *, skip: tuple[str, ...
     walk(container, prefix)
     return out
 
+
+
+#: keys that do not change a job's results (left out of :func:`config_hash`)
+HASH_EXCLUDE = ("paths.", "tracking.", "loader.num_workers", "task_name")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without locations, tracking settings and worker counts: two jobs with the
+    same hash compute the same results (used by ``tracking.resume``)."""
+    import hashlib
+    import json
+
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(HASH_EXCLUDE)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()

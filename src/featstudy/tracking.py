@@ -346,8 +346,9 @@ class SweepCallback(_HydraCallback):
 _OPEN_SWEEPS: dict[str, str] = {}
 
 
-def end_sweep(uri: str, parent: str, interrupted: bool = False) -> str:
-    """End a sweep's parent run: KILLED when interrupted, FAILED when a child did not finish, else FINISHED.
+def end_sweep(uri: str, parent: str, interrupted: bool = False, failed: bool = False) -> str:
+    """End a sweep's parent run: KILLED when interrupted, FAILED when the sweep raised or a child did not finish,
+    else FINISHED (jobs skipped by ``tracking.resume`` have no child run).
 
     Prints one line per child that did not finish (the sweep's failures table). Returns the status set.
     """
@@ -359,7 +360,7 @@ def end_sweep(uri: str, parent: str, interrupted: bool = False) -> str:
     children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                   max_results=10000)
     bad = [r for r in children if r.info.status != "FINISHED"]
-    status = "KILLED" if interrupted else ("FAILED" if bad or not children else "FINISHED")
+    status = "KILLED" if interrupted else ("FAILED" if bad or failed else "FINISHED")
     client.set_terminated(parent, status=status)
     print(f"[featstudy] sweep {status}: {len(children) - len(bad)}/{len(children)} jobs FINISHED "
           f"(MLflow parent run {parent})", flush=True)
@@ -368,12 +369,12 @@ def end_sweep(uri: str, parent: str, interrupted: bool = False) -> str:
     return status
 
 
-def end_open_sweeps(interrupted: bool = False) -> None:
+def end_open_sweeps(interrupted: bool = False, failed: bool = False) -> None:
     """End every sweep parent this process started whose ``on_multirun_end`` never ran (Hydra skips it when a job
     raised); called by the CLI's ``finally``."""
     for parent, uri in list(_OPEN_SWEEPS.items()):
         try:
-            end_sweep(uri, parent, interrupted=interrupted)
+            end_sweep(uri, parent, interrupted=interrupted, failed=failed)
         except Exception as exc:  # noqa: BLE001
             log.error("MLflow: could not end sweep parent run %s (%s)", parent, exc)
 
@@ -412,6 +413,20 @@ def find_job_runs(uri: str, experiment_name: str, *, run_ids: Iterable[str] | No
     return [{"run_id": r.info.run_id, "dataset": r.data.tags.get("dataset", r.info.run_id[:8]),
              "name": r.info.run_name, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics),
              "params": dict(r.data.params), "experiment_id": r.info.experiment_id} for r in runs]
+
+
+def find_finished_run(uri: str, experiment_name: str, config_hash: str) -> Any | None:
+    """The latest FINISHED job run whose ``featstudy.config_hash`` tag is ``config_hash``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"attributes.status = 'FINISHED' and "
+                                            f"tags.`featstudy.config_hash` = '{config_hash}'")
+    return runs[0] if runs else None
 
 
 def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path:

@@ -164,6 +164,23 @@ def test_a_signal_marks_the_run_killed(sig, sweep, image_folder, helpers, monkey
     assert signal.getsignal(sig) is not featstudy.app._raise_terminated
 
 
+def test_resume_skips_finished_jobs_and_reruns_failed_ones(sweep, image_folder, helpers, capsys):
+    root, uri, _ = sweep
+    before = {r.info.run_id for r in all_runs(uri)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRA_FULL_ERROR", "0")
+        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "~analysis.callbacks.figures",
+                              "~analysis.callbacks.null", "analysis.layers=[fc7],[conv1_1]",
+                              "tracking.resume=true"], mp)
+    assert rc == 0
+    out = capsys.readouterr()
+    new = [r for r in all_runs(uri) if r.info.run_id not in before]
+    jobs = [r for r in new if r.data.tags.get("featstudy.role") == "job"]
+    # [fc7] finished in the failing sweep above: skipped; [conv1_1] never ran with these settings: runs now
+    assert [r.data.params["analysis.layers"] for r in jobs] == ["['conv1_1']"]
+    assert "tracking.resume: skipped, identical FINISHED run" in out.err
+
+
 def test_report_compares_runs_and_is_logged(sweep, tmp_path):
     from featstudy import report
 
