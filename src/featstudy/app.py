@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from featstudy import __version__
 from featstudy.config import config_hash, resolve_paths, validate
+from featstudy.errors import FeatstudyError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         except KeyboardInterrupt:
             status = "KILLED"
             log.error("interrupted: MLflow run marked KILLED")
+            raise
+        except FeatstudyError as exc:  # a user error: one line (HYDRA_FULL_ERROR=1 shows the traceback)
+            log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc)
             raise
         except Exception:
             log.exception("run failed: MLflow run marked FAILED")
