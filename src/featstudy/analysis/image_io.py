@@ -93,6 +93,10 @@ def _network(emb_path: str) -> Any | None:
         crops = meta.get("crops") or {}
         size = int(crops.get("size", 224))
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
+        import torch
+
+        if torch.cuda.is_available():  # only to locate peaks for the figures; the numbers come from the embedding
+            model = model.cuda()
         resize = crops.get("resize") or size
         transform = ImageTransform(crop_spec(OmegaConf.create({"name": "center", "resize": int(resize),
                                                                "size": size})), ms.preprocessing)
@@ -130,7 +134,7 @@ def peak_positions(emb: Embedding, images: list[Any], requests: list[tuple[int, 
     out: dict[tuple[int, str, int], tuple[int, int]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        x = torch.cat([transform(images[i]) for i in chunk])
+        x = torch.cat([transform(images[i]) for i in chunk]).to(next(body.parameters()).device)
         with torch.no_grad():
             maps = body(x)
         for b, i in enumerate(chunk):
