@@ -22,6 +22,9 @@ Kernels never call ``numba.get_num_threads()``: that silently disables ``cache=T
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 from numba import njit, prange
 
@@ -33,6 +36,44 @@ _OUT = "int64[:, :, :], int64[:, :, :], float64[:, :, :], float64[:, :, :], bool
 _SIG_F32 = f"void(float32[:, :], int32[:, :], int64[:], {_OUT})"
 _SIG_F64 = f"void(float64[:, :], int32[:, :], int64[:], {_OUT})"
 _SIG_BINNED = [f"void({t}[:, :], int32[:, :], int64[:], int64, {_OUT})" for t in ("float32", "float64")]
+
+
+
+class _LazyKernel:
+    """A kernel with explicit signatures, compiled (or loaded from numba's cache) on its first use, not at import.
+
+    ``njit(signatures)`` compiles every signature when the module is imported; a fresh checkout would pay for all
+    kernels (tens of seconds) even in a process that needs one of them, or none (``--help``). Attributes other
+    than the call (``stats``, ``signatures``...) are those of the compiled dispatcher.
+    """
+
+    def __init__(self, pyfunc, signatures, options):
+        functools.update_wrapper(self, pyfunc)
+        self._pyfunc = pyfunc
+        self._signatures = signatures
+        self._options = options
+        self._dispatcher = None
+        self._lock = threading.Lock()
+
+    def dispatcher(self):
+        if self._dispatcher is None:
+            with self._lock:
+                if self._dispatcher is None:
+                    self._dispatcher = njit(self._signatures, **self._options)(self._pyfunc)
+        return self._dispatcher
+
+    def __call__(self, *args):
+        return self.dispatcher()(*args)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.dispatcher(), name)
+
+
+def _lazy_njit(signatures, **options):
+    return lambda pyfunc: _LazyKernel(pyfunc, signatures, options)
+
 
 _SIGN32 = np.uint32(0x80000000)
 _EXP32 = np.uint32(0x7F800000)
@@ -189,7 +230,7 @@ def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin,
         locm[k, jj, c] = values[sidx[i2[c]]]
 
 
-@njit(_SIG_F32, parallel=True, cache=True, nogil=True)
+@_lazy_njit(_SIG_F32, parallel=True, cache=True, nogil=True)
 def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float32 block (N, fc): radix sort of the raw bits, one sort per feature for all K.
 
@@ -273,7 +314,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
                       col[j])
 
 
-@njit(_SIG_F64, parallel=True, cache=True, nogil=True)
+@_lazy_njit(_SIG_F64, parallel=True, cache=True, nogil=True)
 def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float64 block (N, fc): comparison sort (values compare, so -0.0 == +0.0)."""
     n, fc = block.shape
@@ -333,7 +374,7 @@ def bin_right_edge(b, lo, hi, nbins):
     return lo + (hi - lo) * (b + 1) / nbins
 
 
-@njit(_SIG_BINNED, parallel=True, cache=True, nogil=True)
+@_lazy_njit(_SIG_BINNED, parallel=True, cache=True, nogil=True)
 def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     """Binned extrema: B equal-width bins over [min_f, max_f], counting sort on the bin, EDFs at right edges."""
     n, fc = block.shape
