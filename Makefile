@@ -28,6 +28,7 @@ test-fast: $(STAMP)  ## the suite without slow end-to-end tests
 
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
 	$(PY) bench/ks.py
+	$(PY) bench/extract.py
 
 tracking-server: $(STAMP)  ## PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5055 (installs PostgreSQL where absent)
 	scripts/tracking_server.sh start
