@@ -90,3 +90,18 @@ def test_kept_fraction_by_layer_in_order_of_appearance():
     assert stacked == {"conv2": 0.375, "conv1": 0.25, "fc7": 0.25}
     with pytest.raises(ValueError, match="layer_of_feature"):
         kept_fraction_by_layer(REAL, 0.05, -0.1, layers[:3])
+
+
+def test_threshold_ties_are_decided_on_exact_counts_not_rounded_means():
+    # 2 real classes, 3 random ones, grid 0, 0.5, 1. d_avg+(0) = 4/2 - 5/3 = 1/3 and d_avg+(0.5) = 2/2 - 2/3 = 1/3:
+    # an exact tie, which goes to x = 0. Through the rounded means the two differ by an ulp
+    # (0.33333333333333326 < 0.33333333333333337) and a float argmax would answer 0.5.
+    import numpy as np
+    from featstudy.stats import thresholds
+
+    real = np.array([[0.7, 0.2], [0.7, 0.0], [0.2, 0.0]])
+    rand = np.array([[0.7, 0.2, 0.0], [0.7, 0.2, 0.0], [0.2, 0.0, 0.0]])
+    assert 4 / 2 - 5 / 3 < 2 / 2 - 2 / 3  # the float trap this test is about
+    r = thresholds(real, rand, step=0.5)
+    assert r.t_plus == 0.0
+    assert r.d_avg_plus[0] == r.d_avg_t_plus

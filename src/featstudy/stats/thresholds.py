@@ -134,8 +134,11 @@ def thresholds(d_real, d_random, step: float = 0.001) -> ThresholdResult:
     qp, qm = _counts(rand.transpose(1, 0, 2).reshape(f, k * c2), grid)
     d_avg_plus = rp.mean(axis=0) - qp.mean(axis=0)
     d_avg_minus = rm.mean(axis=0) - qm.mean(axis=0)
-    ip = int(np.argmax(d_avg_plus))  # first maximum = nearest 0
-    im = int(np.argmax(d_avg_minus))
+    # argmax on the exact integer numerators d_avg·C·(K·C'): two grid points with equal d_avg must tie exactly,
+    # not differ by a rounding of the two means; np.argmax takes the first maximum = the x nearest 0
+    n_real, n_rand = rp.shape[0], qp.shape[0]
+    ip = int(np.argmax(rp.sum(axis=0) * n_rand - qp.sum(axis=0) * n_real))
+    im = int(np.argmax(rm.sum(axis=0) * n_rand - qm.sum(axis=0) * n_real))
     return ThresholdResult(
         t_plus=float(grid[ip]),
         d_avg_t_plus=float(d_avg_plus[ip]),
