@@ -18,6 +18,12 @@ FAST_FAILURE = ["tracking.retries=1", "tracking.retry_delay=0", "tracking.http_m
 LIGHT = ["~analysis.callbacks.figures", "~analysis.callbacks.null"]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """One embedding cache for the module: the first job extracts, the others reuse it."""
+    return f"paths.cache_dir={tmp_path_factory.mktemp('cache')}"
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,9 +92,9 @@ def job_folder(root: Path) -> Path:
     return found[0]
 
 
-def test_unreachable_server_then_sync_logs_the_run_once(tmp_path, image_folder, helpers, monkeypatch, capsys):
+def test_unreachable_server_then_sync_logs_the_run_once(tmp_path, image_folder, helpers, cache, monkeypatch, capsys):
     dead = f"http://127.0.0.1:{closed_port()}"
-    rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), *LIGHT, *FAST_FAILURE,
+    rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT, *FAST_FAILURE,
                           f"tracking.uri={dead}"], monkeypatch)
     assert rc == 0
     folder = job_folder(tmp_path)
@@ -123,7 +129,7 @@ def test_unreachable_server_then_sync_logs_the_run_once(tmp_path, image_folder, 
     assert_run_matches(store, again[0], expected)
 
 
-def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, helpers, monkeypatch, capsys):
+def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, helpers, cache, monkeypatch, capsys):
     """The store accepts the run, its config and first tags, then fails: the job finishes offline; sync completes
     that same run (no duplicate) with what is missing, and marks it FINISHED."""
     from mlflow.tracking import MlflowClient
@@ -139,7 +145,7 @@ def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, help
 
     with monkeypatch.context() as mp:
         mp.setattr(MlflowClient, "log_batch", flaky_batch)
-        rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), *LIGHT, *FAST_FAILURE], mp)
+        rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT, *FAST_FAILURE], mp)
     assert rc == 0
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     folder = job_folder(tmp_path)
@@ -162,8 +168,8 @@ def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, help
     assert_run_matches(uri, again, expected)
 
 
-def test_a_job_that_logged_everything_is_skipped(tmp_path, image_folder, helpers, monkeypatch, capsys):
-    rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), *LIGHT], monkeypatch)
+def test_a_job_that_logged_everything_is_skipped(tmp_path, image_folder, helpers, cache, monkeypatch, capsys):
+    rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT], monkeypatch)
     assert rc == 0
     folder = job_folder(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -173,9 +179,9 @@ def test_a_job_that_logged_everything_is_skipped(tmp_path, image_folder, helpers
     assert run.info.status == "FINISHED" and "featstudy.synced" not in run.data.tags
 
 
-def test_offline_sweep_is_synced_under_one_parent(tmp_path, image_folder, helpers, monkeypatch, capsys):
+def test_offline_sweep_is_synced_under_one_parent(tmp_path, image_folder, helpers, cache, monkeypatch, capsys):
     dead = f"http://127.0.0.1:{closed_port()}"
-    rc = helpers.run_cli(["-m", *helpers.tiny_overrides(tmp_path, image_folder), *LIGHT, *FAST_FAILURE,
+    rc = helpers.run_cli(["-m", *helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT, *FAST_FAILURE,
                           f"tracking.uri={dead}", "analysis.bins=25,50"], monkeypatch)
     assert rc == 0
     (sweep_dir,) = [p.parent for p in tmp_path.rglob(tracking.SWEEP_FILE)]
