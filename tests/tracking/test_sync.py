@@ -18,12 +18,6 @@ FAST_FAILURE = ["tracking.retries=1", "tracking.retry_delay=0", "tracking.http_m
 LIGHT = ["~analysis.callbacks.figures", "~analysis.callbacks.null"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    """One embedding cache for the module: the first job extracts, the others reuse it."""
-    return f"paths.cache_dir={tmp_path_factory.mktemp('cache')}"
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
