@@ -34,7 +34,7 @@ def job_folders(folder: Path) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise FeatstudyError(f"{folder}: no such folder; give a job's output folder or a multirun sweep folder")
-    jobs = sorted({p.parent for p in folder.glob(f"*/{JOURNAL_FILE}")} | {p.parent for p in folder.glob(f"*/*/{JOURNAL_FILE}")})
+    jobs = sorted({p.parent for pattern in (f"*/{JOURNAL_FILE}", f"*/*/{JOURNAL_FILE}") for p in folder.glob(pattern)})
     if not jobs:
         raise FeatstudyError(f"{folder}: not a featstudy output folder (no {JOURNAL_FILE} in it or its sub-folders); "
                              "give a job's output folder or a multirun sweep folder")

@@ -416,8 +416,8 @@ class Tracker:
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
         """A table through MLflow's table API (JSON, shown in the UI's table views)."""
         seq = self._record("table", data={k: list(v) for k, v in data.items()}, artifact_file=artifact_file)
-        self._safe("log_table", lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file),
-                   seq)
+        self._safe("log_table",
+                   lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file), seq)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

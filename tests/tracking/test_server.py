@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from featstudy import sync, tracking
+from featstudy import tracking
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,8 @@ def test_parallel_sweep_against_the_server(server_uri, tmp_path, image_folder, h
     experiment = f"featstudy-test-{uuid.uuid4().hex[:8]}"
     overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.")]
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *overrides, cache, "tracking=server",
+    rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *overrides, cache,
+                          "tracking=server",
                           f"tracking.uri={server_uri}", f"tracking.experiment_name={experiment}",
                           "~analysis.callbacks.figures", "~analysis.callbacks.null",
                           "analysis.bins=10,25,50,100"], monkeypatch)
