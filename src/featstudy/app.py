@@ -97,7 +97,9 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
                 "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest}
         if sha:
             tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
-        tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags)
+        hc = _hydra_runtime()
+        sweep_dir = hc.sweep.dir if hc is not None and str(hc.mode).endswith("MULTIRUN") else None
+        tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags, sweep_dir=sweep_dir)
 
         in_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}

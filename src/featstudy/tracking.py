@@ -13,13 +13,19 @@ warning instead of dying.
   fresh SQLite file. The parent is ended when the sweep ends: FAILED if any child failed, else FINISHED.
 * Run status is set explicitly: FINISHED only after every artifact is logged, FAILED on an exception, KILLED on
   SIGTERM/SIGINT (see :mod:`featstudy.app`).
+* Outages: every operation of a job is first appended to ``<output dir>/tracking_journal.jsonl`` (:class:`Journal`),
+  then sent; an ``ack`` line records each operation that reached the store. When the store is unreachable (at the
+  start or mid-run) the job goes on offline and :func:`sync_job` (``python -m featstudy.sync``) replays the journal
+  later: it completes the job's own partial run when the store has it, else logs the whole run, once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -27,13 +33,21 @@ from typing import Any
 from urllib.parse import urlparse
 
 from featstudy.config import flatten
-from featstudy.errors import ConfigError
+from featstudy.errors import ConfigError, FeatstudyError
 
 log = logging.getLogger(__name__)
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs"}
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+JOURNAL_FILE = "tracking_journal.jsonl"
+SYNCED_FILE = "mlflow_synced"
+SWEEP_FILE = "tracking_sweep.json"
+#: conf/tracking keys -> MLflow's own HTTP client settings (its defaults retry for minutes)
+HTTP_SETTINGS = {"http_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "http_backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+                 "http_timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT"}
 
 
 # --------------------------------------------------------------------------------------------- store set-up
@@ -139,7 +153,17 @@ def ui_command(uri: str) -> str:
 
 # --------------------------------------------------------------------------------------------- one run
 
+def apply_http_settings(t: Any) -> None:
+    """Export ``tracking.http_*`` as MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables (read by MLflow at each call), so
+    an unreachable server costs seconds, not minutes. Unset keys leave MLflow's defaults."""
+    for key, env in HTTP_SETTINGS.items():
+        value = t.get(key) if hasattr(t, "get") else None
+        if value is not None:
+            os.environ[env] = str(int(value) if env != "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER" else float(value))
+
+
 def _retry(fn: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1.0) -> Any:
+    attempts = max(1, int(attempts))
     for i in range(attempts):
         try:
             return fn()
@@ -151,45 +175,148 @@ def _retry(fn: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1
     return None
 
 
+class Journal:
+    """The local record of one job's tracking: ``<output dir>/tracking_journal.jsonl``, the single source for replay.
+
+    Line 1 (``op: start``) holds the run's identity: journal id, store URI, experiment, artifact location, run name,
+    tags, sweep parent id and sweep folder. Every later operation (``params``, ``tags``, ``metrics`` with value,
+    timestamp and step, ``artifact`` as a path relative to the output folder, ``table``, ``end`` with the status) is
+    one line with a sequence number, appended and fsynced *before* it is sent; ``{"ack": seq, "run": id}`` is appended
+    once it reached run ``id`` (``{"run_created": id}`` when the run was created). Appends of one line are atomic
+    enough: a torn last line (the process killed mid-write) is ignored when read.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / JOURNAL_FILE
+        self.seq = 0
+
+    def write(self, entry: Mapping[str, Any]) -> None:
+        line = (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def record(self, op: str, **payload: Any) -> int:
+        self.seq += 1
+        self.write({"seq": self.seq, "op": op, **payload})
+        return self.seq
+
+    def ack(self, seq: int, run_id: str) -> None:
+        self.write({"ack": seq, "run": run_id})
+
+    @classmethod
+    def start(cls, folder: str | Path, **identity: Any) -> "Journal":
+        import uuid
+
+        j = cls(folder)
+        j.folder.mkdir(parents=True, exist_ok=True)
+        if j.path.exists():  # a job rerun in the same folder: keep the old journal aside, start a new one
+            j.path.rename(j.path.with_name(f"{JOURNAL_FILE}.{int(time.time() * 1000)}"))
+        j.journal_id = uuid.uuid4().hex
+        j.write({"op": "start", "journal_id": j.journal_id, "time": time.time(), **identity})
+        return j
+
+    @staticmethod
+    def read(folder: str | Path) -> dict[str, Any]:
+        """``start`` (identity), ``ops`` (in order), ``acks`` (run id -> acked seqs), ``run_id`` (the job's run)."""
+        path = Path(folder) / JOURNAL_FILE
+        start, ops, acks, run_id = None, [], {}, None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if e.get("op") == "start":
+                start = e
+            elif "ack" in e:
+                acks.setdefault(e["run"], set()).add(e["ack"])
+            elif "run_created" in e:
+                run_id = e["run_created"]
+            elif "seq" in e:
+                ops.append(e)
+        if start is None:
+            raise FeatstudyError(f"{path}: no start record; not a featstudy tracking journal")
+        return {"start": start, "ops": ops, "acks": acks, "run_id": run_id}
+
+
 class Tracker:
     """One MLflow run, driven through ``MlflowClient`` (never the fluent API, never ``MLFLOW_RUN_ID``)."""
 
-    def __init__(self, client: Any, run_id: str, uri: str, experiment_id: str):
+    def __init__(self, client: Any, run_id: str | None, uri: str, experiment_id: str | None,
+                 journal: Journal | None = None, retries: int = 3, retry_delay: float = 1.0):
         self.client = client
         self.run_id = run_id
         self.uri = uri
         self.experiment_id = experiment_id
+        self.journal = journal
+        self.retries = retries
+        self.retry_delay = retry_delay
         self.broken: Exception | None = None
         self.ended = False
 
     # -- life cycle
     @classmethod
     def start(cls, cfg: Any, *, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> "Tracker | NullTracker":
+              tags: Mapping[str, str] | None = None, sweep_dir: str | Path | None = None) -> "Tracker | NullTracker":
         """Create a run from ``cfg.tracking``; a :class:`NullTracker` when ``tracking.uri`` is null."""
         t = cfg.tracking
         if t.uri is None:
             log.info("tracking.uri=null: MLflow tracking is off; results stay in %s", cfg.paths.output_dir)
             return NullTracker()
+        apply_http_settings(t)
         all_tags = {str(k): str(v) for k, v in (t.get("tags") or {}).items()}
         all_tags.update(tags or {})
         name = run_name or t.get("run_name") or str(cfg.task_name)
         return cls.create(str(t.uri), str(t.experiment_name), t.get("artifact_location"), run_name=name,
-                          tags=all_tags, parent_run_id=parent_run_id)
+                          tags=all_tags, parent_run_id=parent_run_id, journal_dir=cfg.paths.output_dir,
+                          sweep_dir=sweep_dir, retries=int(t.get("retries", 3)),
+                          retry_delay=float(t.get("retry_delay", 1.0)))
 
     @classmethod
     def create(cls, uri: str, experiment_name: str, artifact_location: str | None, *, run_name: str,
-               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> "Tracker":
-        """Get-or-create the experiment (under a file lock), then create one run in it."""
+               tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+               journal_dir: str | Path | None = None, sweep_dir: str | Path | None = None, retries: int = 3,
+               retry_delay: float = 1.0) -> "Tracker":
+        """Get-or-create the experiment (under a file lock), then create one run in it.
+
+        With ``journal_dir`` every operation is journaled there first (:class:`Journal`) and a store that cannot be
+        reached does not stop the job: the tracker goes on offline (``broken``) and ``python -m featstudy.sync``
+        logs the run later. Without it (e.g. the report) a failing store raises.
+        """
         uri = normalise_uri(uri)
-        client, exp_id = prepare_experiment(uri, experiment_name, artifact_location)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = _retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=run_name), "create_run")
+        journal = None
+        if journal_dir is not None:
+            journal = Journal.start(journal_dir, uri=uri, experiment_name=experiment_name,
+                                    artifact_location=artifact_location, run_name=run_name, tags=all_tags,
+                                    parent_run_id=parent_run_id, sweep_dir=str(sweep_dir) if sweep_dir else None)
+            all_tags["featstudy.journal_id"] = journal.journal_id
+        try:
+            client, exp_id = prepare_experiment(uri, experiment_name, artifact_location)
+            run = _retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=run_name), "create_run",
+                         retries, retry_delay)
+        except FeatstudyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: go on offline when journaling
+            if journal is None:
+                raise
+            log.error("MLflow store %s unreachable (%s); the job goes on offline, every result stays in %s. "
+                      "Log it later: python -m featstudy.sync %s", uri, str(exc).splitlines()[0][:300],
+                      journal.folder, journal.folder)
+            tracker = cls(None, None, uri, None, journal, retries, retry_delay)
+            tracker.broken = exc
+            return tracker
+        if journal is not None:
+            journal.write({"run_created": run.info.run_id, "experiment_id": exp_id})
         print(f"[featstudy] MLflow run {run.info.run_id} ({run_name}): store {uri}, artifacts {run.info.artifact_uri}",
               flush=True)
-        return cls(client, run.info.run_id, uri, exp_id)
+        return cls(client, run.info.run_id, uri, exp_id, journal, retries, retry_delay)
 
     def end(self, status: str) -> None:
         """Set the terminal status (FINISHED, FAILED or KILLED) once."""
@@ -198,21 +325,46 @@ class Tracker:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
         self.ended = True
+        seq = self.journal.record("end", status=status, time=time.time()) if self.journal else None
+        if self.broken is not None:
+            # Uploads are incomplete: the run is left as it is (ACTIVE, or absent) for `featstudy.sync` to complete;
+            # a tag tells the UI why, when the store answers at all.
+            if self.client is not None and self.run_id is not None:
+                try:
+                    self.client.set_tag(self.run_id, "featstudy.incomplete",
+                                        f"uploads failed; run python -m featstudy.sync {self.journal.folder}"
+                                        if self.journal else "uploads failed")
+                except Exception:  # noqa: BLE001
+                    pass
+            if self.journal is not None:
+                print(f"[featstudy] MLflow uploads incomplete ({str(self.broken).splitlines()[0][:200]}); "
+                      f"log them later: python -m featstudy.sync {self.journal.folder}", file=sys.stderr, flush=True)
+            return
         try:
-            _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
+            _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated",
+                   self.retries, self.retry_delay)
+            if seq is not None:
+                self.journal.ack(seq, self.run_id)
         except Exception as exc:  # noqa: BLE001
             log.error("MLflow: could not mark run %s %s (%s)", self.run_id, status, exc)
 
     # -- logging (best-effort)
-    def _safe(self, what: str, fn: Callable[[], Any]) -> None:
+    def _record(self, op: str, **payload: Any) -> int | None:
+        return self.journal.record(op, **payload) if self.journal is not None else None
+
+    def _safe(self, what: str, fn: Callable[[], Any], seq: int | None = None) -> None:
         if self.broken is not None:
             return
         try:
-            _retry(fn, what)
+            _retry(fn, what, self.retries, self.retry_delay)
         except Exception as exc:  # noqa: BLE001
             self.broken = exc
-            log.error("MLflow %s failed for good (%s); results are still on disk, later uploads are skipped",
-                      what, exc)
+            log.error("MLflow %s failed for good (%s); results are still on disk, later uploads are skipped%s",
+                      what, exc, f"; log them later: python -m featstudy.sync {self.journal.folder}"
+                      if self.journal else "")
+            return
+        if seq is not None:
+            self.journal.ack(seq, self.run_id)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Log params in batches of 100, values cut to MLflow's limit (the full config is an artifact)."""
@@ -227,7 +379,8 @@ class Tracker:
             items.append(Param(k, v))
         for i in range(0, len(items), 100):
             chunk = items[i:i + 100]
-            self._safe("log_batch(params)", lambda c=chunk: self.client.log_batch(self.run_id, params=c))
+            seq = self._record("params", params={p.key: p.value for p in chunk})
+            self._safe("log_batch(params)", lambda c=chunk: self.client.log_batch(self.run_id, params=c), seq)
 
     def log_config(self, cfg: Any) -> None:
         self.log_params(flatten(cfg))
@@ -236,7 +389,8 @@ class Tracker:
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
-        self._safe("log_batch(tags)", lambda: self.client.log_batch(self.run_id, tags=items))
+        seq = self._record("tags", tags={t.key: t.value for t in items})
+        self._safe("log_batch(tags)", lambda: self.client.log_batch(self.run_id, tags=items), seq)
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -256,18 +410,28 @@ class Tracker:
     def _log_metric_items(self, items: list) -> None:
         for i in range(0, len(items), 1000):
             chunk = items[i:i + 1000]
-            self._safe("log_batch(metrics)", lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
+            seq = self._record("metrics", metrics=[[m.key, m.value, m.timestamp, m.step] for m in chunk])
+            self._safe("log_batch(metrics)", lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), seq)
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
         """A table through MLflow's table API (JSON, shown in the UI's table views)."""
-        self._safe("log_table", lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file))
+        seq = self._record("table", data={k: list(v) for k, v in data.items()}, artifact_file=artifact_file)
+        self._safe("log_table",
+                   lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file), seq)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
+        rel = str(path.absolute())
+        if self.journal is not None:
+            try:
+                rel = str(path.absolute().relative_to(self.journal.folder.absolute()))
+            except ValueError:
+                pass
+        seq = self._record("artifact", path=rel, artifact_path=artifact_path, is_dir=path.is_dir())
         if path.is_dir():
-            self._safe("log_artifacts", lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+            self._safe("log_artifacts", lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path), seq)
         else:
-            self._safe("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+            self._safe("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), seq)
 
 
 class NullTracker:
@@ -321,15 +485,28 @@ class SweepCallback(_HydraCallback):
             log.warning("A parallel launcher (%s) with a SQLite store: writes are serialised by SQLite's lock and "
                         "may time out with many jobs; for large sweeps use a server (tracking.uri=http://...).",
                         launcher.rsplit(".", 1)[-1])
+        apply_http_settings(t)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        client, exp_id = prepare_experiment(uri, str(t.experiment_name), t.get("artifact_location"))
         overrides = " ".join(config.hydra.overrides.task)
         tags = {"featstudy.sweep_dir": str(sweep_dir), "featstudy.sweep": overrides, "featstudy.version": __version__,
                 "featstudy.role": "sweep"}
-        run = client.create_run(exp_id, tags=tags, run_name=f"{config.task_name} sweep: {overrides}"[:250])
+        name = f"{config.task_name} sweep: {overrides}"[:250]
         from featstudy.store import atomic_write_text
 
+        # the sweep's identity, for `featstudy.sync` to create the parent when the store is unreachable now
+        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({"uri": uri, "experiment_name": str(t.experiment_name),
+                                                              "run_name": name, "tags": tags}, indent=1))
+        try:
+            client, exp_id = prepare_experiment(uri, str(t.experiment_name), t.get("artifact_location"))
+            run = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name), "create_run(sweep)",
+                         int(t.get("retries", 3)), float(t.get("retry_delay", 1.0)))
+        except FeatstudyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the jobs run offline; sync creates the parent later
+            log.error("MLflow store %s unreachable (%s); the sweep runs offline. Log it later: "
+                      "python -m featstudy.sync %s", uri, str(exc).splitlines()[0][:300], sweep_dir)
+            return
         atomic_write_text(sweep_dir / PARENT_ID_FILE, run.info.run_id + "\n")
         _OPEN_SWEEPS[run.info.run_id] = uri
         log.info("MLflow sweep parent run %s in %s", run.info.run_id, uri)
@@ -339,7 +516,11 @@ class SweepCallback(_HydraCallback):
             return
         parent = parent_run_id_from(str(config.hydra.sweep.dir))
         if parent is not None:
-            end_sweep(normalise_uri(str(config.tracking.uri)), parent)
+            try:
+                end_sweep(normalise_uri(str(config.tracking.uri)), parent)
+            except Exception as exc:  # noqa: BLE001 - the store went away during the sweep
+                log.error("MLflow: could not end sweep parent run %s (%s); python -m featstudy.sync %s ends it",
+                          parent, str(exc).splitlines()[0][:300], config.hydra.sweep.dir)
 
 
 #: sweep parents started in this process and not ended yet: run id -> store URI
@@ -466,3 +647,164 @@ def child_runs(uri: str, parent_run_id: str) -> list[str]:
     runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=10000)
     return [r.info.run_id for r in runs]
+
+
+# --------------------------------------------------------------------------------------------- sync (replay)
+
+def is_job_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a job's output folder with a tracking journal."""
+    return (Path(folder) / JOURNAL_FILE).is_file()
+
+
+def _target_artifact_location(uri: str, start: Mapping[str, Any]) -> str | None:
+    if uri == start.get("uri"):
+        return start.get("artifact_location")
+    db = sqlite_path(uri)
+    return str(db.parent / "artifacts") if db is not None else None
+
+
+def _run_exists(client: Any, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: a run of another store
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+            return False
+        raise
+
+
+def _sweep_parent(client: Any, exp_id: str, uri: str, start: Mapping[str, Any]) -> str | None:
+    """The parent run for a synced sweep child: the original one when the target store has it, else the run tagged
+    with the sweep folder (created once, under the store's file lock)."""
+    if _run_exists(client, start.get("parent_run_id")):
+        return start["parent_run_id"]
+    sweep_dir = start.get("sweep_dir")
+    if not sweep_dir:
+        return None
+    from filelock import FileLock
+
+    with FileLock(str(_lock_path(uri, _target_artifact_location(uri, start))), timeout=600):
+        found = client.search_runs([exp_id], max_results=1,
+                                   filter_string=f"tags.`featstudy.role` = 'sweep' and "
+                                                 f"tags.`featstudy.sweep_dir` = '{sweep_dir}'")
+        if found:
+            return found[0].info.run_id
+        info_file = Path(sweep_dir) / SWEEP_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        tags = dict(info.get("tags") or {"featstudy.role": "sweep", "featstudy.sweep_dir": sweep_dir})
+        tags["featstudy.synced"] = "true"
+        run = client.create_run(exp_id, tags=tags, run_name=info.get("run_name") or f"sweep: {sweep_dir}")
+        return run.info.run_id
+
+
+def sync_job(folder: str | Path, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """Log a job from its journal into ``tracking_uri`` (default: the job's own store), once.
+
+    Returns ``(outcome, run_id)`` with outcome ``already logged`` (every upload had succeeded), ``already synced``
+    (the marker ``mlflow_synced`` names a run the store has, or the store has a synced run of this journal),
+    ``completed`` (the job's own partial run, found in the store, got what it was missing) or ``logged`` (a new run
+    with every param, tag, metric step, artifact and table). A synced run carries ``featstudy.synced=true`` and the
+    job's real status (KILLED when the journal has no end: the process died); a sweep child gets its sweep's parent.
+    Every replayed operation is acknowledged in the journal for the target run, so an interrupted sync resumes.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    folder = Path(folder).absolute()
+    j = Journal.read(folder)
+    start, ops = j["start"], j["ops"]
+    job_uri = normalise_uri(str(start["uri"]))
+    uri = normalise_uri(tracking_uri) if tracking_uri else job_uri
+    own = j["run_id"]
+    own_acked = j["acks"].get(own, set()) if own else set()
+    if uri == job_uri and own and all(op["seq"] in own_acked for op in ops) and any(op["op"] == "end" for op in ops):
+        return "already logged", own
+
+    client, exp_id = prepare_experiment(uri, str(start["experiment_name"]), _target_artifact_location(uri, start))
+    marker = folder / SYNCED_FILE
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("uri") == uri and _run_exists(client, done.get("run_id")):
+            return "already synced", done["run_id"]
+    # the store itself: a run of this journal (the job's partial run, or one synced before the marker was written)
+    found = client.search_runs([exp_id], max_results=10, order_by=["attributes.start_time ASC"],
+                               filter_string=f"tags.`featstudy.journal_id` = '{start['journal_id']}'")
+    synced = [r for r in found if r.data.tags.get("featstudy.synced") == "true"
+              and r.data.tags.get("featstudy.sync_complete") == "true"]
+    if synced:
+        run_id = synced[0].info.run_id
+        outcome = "already synced"
+    else:
+        if found:
+            run_id = found[0].info.run_id
+        elif uri == job_uri and _run_exists(client, own):
+            run_id = own
+        else:
+            tags = dict(start.get("tags") or {})
+            tags.pop("mlflow.parentRunId", None)
+            parent = _sweep_parent(client, exp_id, uri, start)
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            tags.update({"featstudy.journal_id": start["journal_id"], "featstudy.synced": "true"})
+            run_id = client.create_run(exp_id, tags=tags, run_name=start.get("run_name"),
+                                       start_time=int(float(start.get("time", time.time())) * 1000)).info.run_id
+        outcome = "completed" if run_id == own else "logged"
+        journal = Journal(folder)
+        done = j["acks"].get(run_id, set())
+        status, end_time, missing = None, None, []
+        for op in ops:
+            if op["op"] == "end":
+                status, end_time = op["status"], int(float(op["time"]) * 1000)
+                continue
+            if op["seq"] in done:
+                continue
+            kind = op["op"]
+            if kind == "params":
+                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in op["params"].items()])
+            elif kind == "tags":
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+            elif kind == "metrics":
+                client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step))
+                                                  for k, v, ts, step in op["metrics"]])
+            elif kind == "table":
+                client.log_table(run_id, data=op["data"], artifact_file=op["artifact_file"])
+            elif kind == "artifact":
+                path = Path(op["path"]) if Path(op["path"]).is_absolute() else folder / op["path"]
+                if not path.exists():
+                    missing.append(op["path"])
+                    continue
+                if path.is_dir():
+                    client.log_artifacts(run_id, str(path), op.get("artifact_path"))
+                else:
+                    client.log_artifact(run_id, str(path), op.get("artifact_path"))
+            journal.ack(op["seq"], run_id)
+        tags = {"featstudy.synced": "true", "featstudy.sync_complete": "true",
+                "featstudy.synced_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "featstudy.incomplete": "false"}
+        if status is None:
+            status = "KILLED"
+            tags["featstudy.sync_note"] = "the journal has no end: the job's process died; marked KILLED"
+        if missing:
+            tags["featstudy.sync_missing"] = ",".join(missing)[:5000]
+            log.warning("%s: %d journaled file(s) are gone and were not logged: %s", folder, len(missing), missing)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id, status=status, end_time=end_time)
+    from featstudy.store import atomic_write_text
+
+    atomic_write_text(marker, json.dumps({"uri": uri, "run_id": run_id, "outcome": outcome,
+                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    return outcome, run_id
+
+
+def end_synced_sweeps(uri: str, sweep_dirs: Iterable[str | Path], experiment_name: str) -> None:
+    """End the sweep parents that sync created or that were left ACTIVE (status from their children)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=normalise_uri(uri))
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return
+    for sweep_dir in sweep_dirs:
+        for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`featstudy.role` = 'sweep' and "
+                                                                       f"tags.`featstudy.sweep_dir` = '{sweep_dir}'"):
+            if r.info.status in ("RUNNING", "SCHEDULED"):
+                end_sweep(normalise_uri(uri), r.info.run_id)
