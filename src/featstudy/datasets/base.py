@@ -30,6 +30,8 @@ class ImageDataset(Dataset):
         self.split = verify_split(self.name, split, self.splits)
         self.download = bool(download)
         self.transform = transform
+        #: images with more pixels are skipped as decompression bombs (None: PIL's Image.MAX_IMAGE_PIXELS)
+        self.max_pixels: int | None = None
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
 
@@ -50,7 +52,7 @@ class ImageDataset(Dataset):
 
     def image_and_mode(self, index: int):
         """(RGB PIL image, the file's original mode) of sample ``index``."""
-        return load_rgb_and_mode(self.root / self.samples[index][0])
+        return load_rgb_and_mode(self.root / self.samples[index][0], self.max_pixels)
 
     def __getitem__(self, index: int):
         img = self.image(index)
