@@ -132,6 +132,20 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
     return wrapped
 
 
+def _check_classes(cfg: DictConfig) -> None:
+    """Refuse a dataset with fewer than two classes before any image is read (the KS compares a class with the
+    others); one line naming ``dataset.root``."""
+    from featstudy import datasets
+    from featstudy.errors import DataError
+
+    ds = datasets.from_config(cfg.dataset)
+    labels = set(ds.targets)
+    if len(labels) < 2:
+        names = [ds.classes[i] for i in sorted(labels)]
+        raise DataError(f"dataset.root: {ds.root or cfg.dataset.name}: {len(ds)} images of {len(labels)} class(es) "
+                        f"{names}; the analysis compares classes, so it needs two classes or more")
+
+
 def _get_embedding(cfg: DictConfig) -> Any:
     """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
     from featstudy.extraction import get_embedding
@@ -163,6 +177,7 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     tracker.log_artifact(output_dir / "config.yaml")
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
+    _check_classes(cfg)
     handle = _get_embedding(cfg)
     tracker.set_tags({
         "weights": handle.weights_tag,
