@@ -177,3 +177,44 @@ def test_cache_folder_that_cannot_be_created_is_one_line(tmp_path, reference):
     blocker.write_text("a file where the cache should be")
     with pytest.raises(DataError, match=r"^paths.cache_dir: cannot write the embedding cache under .*not-a-folder"):
         get_embedding(_with_cache(ref_cfg, blocker / "cache"))
+
+
+def _die(cfg_file: Path, spec: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "FEATSTUDY_TEST_DIE_AT": spec}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(cfg_file)], capture_output=True, text=True, env=env,
+                          cwd=SCRIPT.parent, timeout=300)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+
+
+def test_killed_at_each_kind_of_moment_the_reruns_finish_it_identically(tmp_path, reference):
+    """Three processes die like ``kill -9`` (``os._exit``: no cleanup) one after the other, each resuming the
+    previous: between writing a shard and renaming it, in the merge after features.npy is in place but before
+    meta.json, and right after DONE (the shards not yet deleted). Nothing half-written is taken as done, no finished
+    shard is redone, and the result equals an uninterrupted run."""
+    from omegaconf import OmegaConf
+
+    data, ref_cfg, ref = reference
+    cfg = _with_cache(ref_cfg, tmp_path / "cache")
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
+    folder = tmp_path / "cache" / "embeddings" / plan(cfg).key
+    shards = folder / "shards"
+
+    _die(tmp_path / "cfg.yaml", "before:shard-:3")  # the third shard is written but never renamed
+    finished = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}
+    assert len(finished) == 2 and list(shards.glob(".shard-*.tmp")) and not is_complete(folder)
+
+    _die(tmp_path / "cfg.yaml", "before:meta.json:1")  # resumed, merged half-way, killed
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}.items() >= finished.items()
+    assert len(list(shards.glob("shard-*.npz"))) == 4 and (folder / "features.npy").is_file()
+    assert not is_complete(folder) and list(folder.glob(".meta.json.*.tmp"))
+    with pytest.raises(EmbeddingError, match="unfinished"):
+        load_embedding(folder)
+
+    _die(tmp_path / "cfg.yaml", "after:DONE:1")  # merged again from the same shards, killed before the cleanup
+    assert is_complete(folder) and shards.is_dir()
+    handle = get_embedding(cfg)
+    assert handle.hit and not shards.exists() and not list(folder.glob(".*"))
+    got = load_embedding(handle.path)
+    assert got.paths == ref.paths and got.meta["n_resumed"] == 12
+    np.testing.assert_array_equal(got.features, ref.features)
