@@ -64,6 +64,24 @@ def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
+    """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep."""
+    hc = _hydra_runtime()
+    if hc is None or "trainer" not in cfg:
+        return
+    from hydra.types import RunMode
+
+    devices, nodes = cfg.trainer.get("devices", "auto"), cfg.trainer.get("num_nodes", 1)
+    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1) \
+        or (isinstance(devices, str) and devices not in ("auto", "1") and "," in devices) or nodes != 1
+    if hc.mode == RunMode.MULTIRUN and many:
+        from featstudy.errors import ConfigError
+
+        raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={nodes}: a sweep (-m) cannot run DDP jobs; "
+                          "sweep single-device jobs (trainer.devices=1, one per GPU through the launcher), or run "
+                          "the multi-GPU extraction as a separate call without -m")
+
+
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
     """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
 
@@ -76,7 +94,15 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         from featstudy.tracking import Tracker, git_sha
 
         validate(cfg)
+        _refuse_ddp_in_a_sweep(cfg)
         resolve_paths(cfg)
+        from featstudy.extraction import env_rank
+
+        rank = env_rank()
+        if rank != 0:  # a DDP rank started by Lightning or srun: it helps extract; rank 0 alone tracks and analyses
+            log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
+            handle = _get_embedding(cfg)
+            return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")

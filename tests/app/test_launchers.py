@@ -107,3 +107,37 @@ def test_four_parallel_joblib_jobs_on_one_fresh_sqlite_file(tmp_path, image_fold
     assert rc == 0
     children = _check_sweep(tmp_path, 4)
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["100", "25", "50", "null"]
+
+
+def test_a_sweep_of_ddp_jobs_is_refused_in_one_line(tmp_path, image_folder, helpers, capsys):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRA_FULL_ERROR", "0")
+        rc = helpers.run_cli(["-m", *_cheap(tmp_path, image_folder, helpers), "tracking.uri=null", "trainer.devices=2",
+                              "trainer.strategy=ddp", "analysis.bins=25,50"], mp)
+    assert rc == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("featstudy: error")]
+    assert len(err) == 1 and "trainer.devices=2" in err[0] and "without -m" in err[0]
+    assert not list(tmp_path.glob(".cache/featstudy/embeddings/*/DONE"))
+
+
+@pytest.mark.slow
+def test_app_under_ddp_logs_one_run(tmp_path, image_folder, helpers):
+    """``python -m featstudy trainer.devices=2 trainer.strategy=ddp`` (2 CPU processes, gloo): Lightning re-launches
+    the command for rank 1, which only extracts; one MLflow run, one output folder, the whole dataset."""
+    import os
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "SLURM_PROCID")}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "featstudy", *_cheap(tmp_path, image_folder, helpers),
+                           "trainer.devices=2", "trainer.strategy=ddp", "loader.batch_size=4"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.metrics["n_images"] == 24 and runs[0].data.tags["embedding_cache"] == "miss"
+    outputs = list(tmp_path.glob("outputs/*/runs/*"))
+    assert len(outputs) == 1 and (outputs[0] / "status.txt").read_text().startswith("FINISHED")
+    assert proc.stdout.count("[featstudy] figures:") == 1

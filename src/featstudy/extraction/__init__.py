@@ -25,7 +25,7 @@ from featstudy.extraction.key import FORMAT_VERSION, key_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingHandle", "get_embedding", "plan"]
+__all__ = ["EmbeddingHandle", "env_rank", "get_embedding", "plan"]
 
 
 @dataclass
@@ -65,12 +65,16 @@ def _get(cfg, dotted: str, default=None):
     return default if node is None else node
 
 
-def _env_rank() -> int:
-    """Global rank of this process from the launcher's environment (0 when not distributed)."""
+def env_rank() -> int:
+    """Global rank of this process from the launcher's environment (0 when not distributed): ``RANK`` (torchrun,
+    Lightning), ``SLURM_PROCID`` (srun), then ``LOCAL_RANK`` (Lightning's subprocess DDP children)."""
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+_env_rank = env_rank
 
 
 #: errno values meaning "this folder cannot take our files": full disk or quota, read-only, no permission, a file
