@@ -72,8 +72,8 @@ def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     devices, nodes = cfg.trainer.get("devices", "auto"), cfg.trainer.get("num_nodes", 1)
-    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1) \
-        or (isinstance(devices, str) and devices not in ("auto", "1") and "," in devices) or nodes != 1
+    many = (isinstance(devices, int) and (devices > 1 or devices == -1)) or nodes != 1 \
+        or (not isinstance(devices, (int, str)) and len(devices) > 1) or (isinstance(devices, str) and "," in devices)
     if hc.mode == RunMode.MULTIRUN and many:
         from featstudy.errors import ConfigError
 
