@@ -30,6 +30,8 @@ def _entry(cfg: DictConfig) -> None:
     from featstudy.tracking import ui_command
 
     metrics, objects = run(cfg)
+    if objects.get("rank"):  # a DDP helper rank: rank 0 reports
+        return
     out = Path(cfg.paths.output_dir)
     print(f"[featstudy] figures: {out / 'figures'}   tables: {out / 'tables'}")
     if cfg.tracking.uri is not None:

@@ -64,6 +64,24 @@ def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
+    """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep."""
+    hc = _hydra_runtime()
+    if hc is None or "trainer" not in cfg:
+        return
+    from hydra.types import RunMode
+
+    devices, nodes = cfg.trainer.get("devices", "auto"), cfg.trainer.get("num_nodes", 1)
+    many = (isinstance(devices, int) and (devices > 1 or devices == -1)) or nodes != 1 \
+        or (not isinstance(devices, (int, str)) and len(devices) > 1) or (isinstance(devices, str) and "," in devices)
+    if hc.mode == RunMode.MULTIRUN and many:
+        from featstudy.errors import ConfigError
+
+        raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={nodes}: a sweep (-m) cannot run DDP jobs; "
+                          "sweep single-device jobs (trainer.devices=1, one per GPU through the launcher), or run "
+                          "the multi-GPU extraction as a separate call without -m")
+
+
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
     """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
 
@@ -76,7 +94,15 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         from featstudy.tracking import Tracker, git_sha
 
         validate(cfg)
+        _refuse_ddp_in_a_sweep(cfg)
         resolve_paths(cfg)
+        from featstudy.extraction import env_rank
+
+        rank = env_rank()
+        if rank != 0:  # a DDP rank started by Lightning or srun: it helps extract; rank 0 alone tracks and analyses
+            log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
+            handle = _get_embedding(cfg)
+            return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
@@ -134,6 +160,20 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
     return wrapped
 
 
+def _check_classes(cfg: DictConfig) -> None:
+    """Refuse a dataset with fewer than two classes before any image is read (the KS compares a class with the
+    others); one line naming ``dataset.root``."""
+    from featstudy import datasets
+    from featstudy.errors import DataError
+
+    ds = datasets.from_config(cfg.dataset)
+    labels = set(ds.targets)
+    if len(labels) < 2:
+        names = [ds.classes[i] for i in sorted(labels)]
+        raise DataError(f"dataset.root: {ds.root or cfg.dataset.name}: {len(ds)} images of {len(labels)} class(es) "
+                        f"{names}; the analysis compares classes, so it needs two classes or more")
+
+
 def _get_embedding(cfg: DictConfig) -> Any:
     """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
     from featstudy.extraction import get_embedding
@@ -165,6 +205,7 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     tracker.log_artifact(output_dir / "config.yaml")
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
+    _check_classes(cfg)
     handle = _get_embedding(cfg)
     tracker.set_tags({
         "weights": handle.weights_tag,

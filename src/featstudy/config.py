@@ -74,6 +74,10 @@ def validate(cfg: DictConfig) -> None:
             if key in cfg.crops and cfg.crops[key] is not None:
                 value = cfg.crops[key]
                 _check(_is_int(value) and value >= 1, f"crops.{key}", value, "a positive integer")
+        size, resize = cfg.crops.get("size"), cfg.crops.get("resize")
+        if cfg.crops.get("name") != "none" and _is_int(size) and _is_int(resize) and size > resize:
+            raise ConfigError(f"crops.size: {size} > crops.resize {resize}; a crop cannot be larger than the resized "
+                              "image: lower crops.size or raise crops.resize")
     uri = cfg.tracking.uri
     _check(uri is None or (isinstance(uri, str) and ("://" in uri)), "tracking.uri", uri,
            "sqlite:///<path>/mlflow.db, http(s)://<server>, or null to disable tracking")

@@ -20,6 +20,7 @@ are cut from one tensor instead of ten PIL images, which is the same arithmetic 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,14 +37,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-def load_rgb(path) -> Image.Image:
+class DecompressionBombError(OSError):
+    """An image with more pixels than ``dataset.max_pixels`` (PIL's ``Image.MAX_IMAGE_PIXELS`` by default): skipped
+    and listed in ``skipped.txt``, never decoded."""
+
+
+def load_rgb(path, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file fully (a truncated file raises here, not later) and convert it to RGB."""
-    return load_rgb_and_mode(path)[0]
+    return load_rgb_and_mode(path, max_pixels)[0]
 
 
-def load_rgb_and_mode(path) -> tuple[Image.Image, str]:
-    """:func:`load_rgb` and the file's original PIL mode (``L``, ``CMYK``, ``P``...), counted in meta.json."""
-    with Image.open(path) as img:
+def load_rgb_and_mode(path, max_pixels: int | None = None) -> tuple[Image.Image, str]:
+    """:func:`load_rgb` and the file's original PIL mode (``L``, ``CMYK``, ``P``...), counted in meta.json.
+
+    The format is found from the file's content, not its name (a GIF named ``.jpg`` is read as the GIF it is, mode
+    ``P``). An image of more than ``max_pixels`` pixels (``None``: PIL's ``Image.MAX_IMAGE_PIXELS``, 89,478,485) raises
+    :class:`DecompressionBombError` after reading only its header: PIL's ``DecompressionBombWarning`` (above the
+    limit) and ``DecompressionBombError`` (above twice the limit) both become that error, never a silent decode.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = limit  # PIL's own header check at open() uses this module global
+            img = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DecompressionBombError(f"{exc} (dataset.max_pixels={limit}; raise it to read this image)") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        w, h = img.size
+        if limit is not None and w * h > limit:  # formats whose plugin skips PIL's check
+            raise DecompressionBombError(f"image of {w}x{h} = {w * h} pixels exceeds dataset.max_pixels={limit}; "
+                                         "raise it to read this image")
         img.load()
         return to_rgb(img), img.mode
 

@@ -54,3 +54,79 @@ def test_cfg_job_and_help(tmp_path):
     proc = featstudy("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "featstudy" in proc.stdout and "paper_cub200" in proc.stdout and "--cfg job" in proc.stdout
+
+
+def _images(root: Path, classes: list[str], n: int = 2) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _bad_input(case: str, tmp: Path) -> tuple[list[str], list[str]]:
+    """(overrides, what the one line must name) for each kind of bad input."""
+    two = str(_images(tmp / "two", ["a", "b"]))
+    if case == "missing dataset root":
+        return [f"dataset.root={tmp / 'nowhere'}"], [str(tmp / "nowhere"), "dataset.root"]
+    if case == "missing weights file":
+        return [f"dataset.root={two}", f"model.weights={tmp / 'vgg19.pth'}"], ["model.weights", str(tmp / "vgg19.pth")]
+    if case == "crops.size > crops.resize":
+        return [f"dataset.root={two}", "crops.resize=36", "crops.size=64"], ["crops.size", "crops.resize 36"]
+    if case == "analysis.bins=0":
+        return [f"dataset.root={two}", "analysis.bins=0"], ["analysis.bins", "integer >= 2"]
+    if case == "analysis.bins=-5":
+        return [f"dataset.root={two}", "analysis.bins=-5"], ["analysis.bins", "integer >= 2"]
+    if case == "empty dataset":
+        (tmp / "empty" / "a").mkdir(parents=True)
+        return [f"dataset.root={tmp / 'empty'}"], ["dataset.root", str(tmp / "empty"), "no images"]
+    if case == "one-class dataset":
+        one = _images(tmp / "one", ["only"])
+        return [f"dataset.root={one}"], ["dataset.root", str(one), "1 class(es)", "two classes or more"]
+    if case == "cache folder is a file":
+        (tmp / "blocker").write_text("not a folder")
+        return [f"dataset.root={two}", f"paths.cache_dir={tmp / 'blocker' / 'cache'}"], \
+            ["paths.cache_dir", str(tmp / "blocker"), "Not a directory", "writable"]
+    raise AssertionError(case)
+
+
+BAD_INPUT = ["missing dataset root", "missing weights file", "crops.size > crops.resize", "analysis.bins=0",
+             "analysis.bins=-5", "empty dataset", "one-class dataset", "cache folder is a file"]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every bad-input case run as its own ``python -m featstudy`` process, all started at once (each pays torch's
+    import; in parallel the module costs about one case's wall time per core)."""
+    started = {}
+    for case in BAD_INPUT:
+        tmp = tmp_path_factory.mktemp("bad")
+        overrides, names = _bad_input(case, tmp)
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        env["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+        args = ["dataset=imagefolder", "model.weights=random", "crops=center", "crops.resize=36", "crops.size=32",
+                *overrides, f"paths.root_dir={tmp}", "tracking.uri=null"]
+        proc = subprocess.Popen([sys.executable, "-m", "featstudy", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+        started[case] = (proc, names, tmp)
+    done = {}
+    for case, (proc, names, tmp) in started.items():
+        _, err = proc.communicate(timeout=300)
+        done[case] = (proc.returncode, err, names, tmp)
+    return done
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_naming_the_key_or_path(case, bad_input_runs):
+    returncode, stderr, names, tmp = bad_input_runs[case]
+    assert returncode == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("featstudy: error: ")]
+    assert len(lines) == 1, stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert "Traceback" not in stderr
+    assert not list(tmp.rglob("DONE"))  # nothing was extracted

@@ -199,21 +199,3 @@ def test_report_compares_runs_and_is_logged(sweep, tmp_path):
     assert {"figures/fig5.png", "tables/table4.csv"} <= artifacts(uri, rep.info.run_id)
     # a run without a D array is refused in one line
     assert report.main(["--tracking-uri", uri, "--datasets", "nope", "--no-log"]) == 2
-
-
-def test_parallel_joblib_sweep_on_a_fresh_sqlite_file(tmp_path, image_folder, helpers):
-    """Two jobs start at once in loky workers: the store, experiment and parent exist before they start, the
-    extraction lock makes one job wait for the other's embedding."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                              *helpers.tiny_overrides(tmp_path, image_folder), "~analysis.callbacks.figures",
-                              "~analysis.callbacks.null", "analysis.bins=25,50"], mp)
-    assert rc == 0
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    runs = all_runs(uri)
-    parent = next(r for r in runs if r.data.tags.get("featstudy.role") == "sweep")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 3 and len(children) == 2
-    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
-    assert sorted(r.data.tags["embedding_cache"] for r in children) == ["hit", "miss"]

@@ -167,8 +167,39 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, light_cfg):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (key_dir / "DONE").exists(), "the run finished before it could be killed"
-    resumed = get_embedding(cfg)
+    # what the killed run finished: each shard's ids and file identity (inode, mtime, size)
+    from featstudy.extraction import shards as _shards
+
+    def identity(path):
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    finished = {}
+    for path in (key_dir / "shards").glob("shard-*.npz"):
+        with np.load(path) as z:
+            finished[path.name] = (identity(path), set(z["ids"].tolist()) | set(z["skipped_ids"].tolist()))
+    done_before = set().union(*(ids for _, ids in finished.values()))
+    written, at_merge = [], {}
+    real_write, real_merge = _shards.write_shard, _shards.merge
+
+    def recording_write(folder, rank, ids, *args, **kwargs):
+        written.extend(ids.tolist())
+        return real_write(folder, rank, ids, *args, **kwargs)
+
+    def checking_merge(shard_dir, *args, **kwargs):
+        at_merge.update({name: identity(shard_dir / name) for name in finished})
+        return real_merge(shard_dir, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_shards, "write_shard", recording_write)
+        mp.setattr(_shards, "merge", checking_merge)
+        resumed = get_embedding(cfg)
     assert not resumed.hit and 0 < resumed.meta["n_resumed"] < 60
+    assert resumed.meta["n_resumed"] == len(done_before)
+    # no finished shard redone (each untouched until the merge), no image twice, every image once
+    assert at_merge == {name: ident for name, (ident, _) in finished.items()}
+    assert not done_before & set(written) and len(written) == len(set(written))
+    assert sorted(done_before | set(written)) == list(range(60))
     assert not (key_dir / "shards").exists()
     whole = get_embedding(light_cfg(tmp_path / "cache2", data, **{"loader.batch_size": 5}))
     a, b = load_embedding(resumed.path), load_embedding(whole.path)

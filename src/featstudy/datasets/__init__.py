@@ -53,4 +53,10 @@ def from_config(cfg_dataset, transform=None) -> ImageDataset:
         kwargs = {"n_classes": int(cfg_dataset.get("n_classes", 500)), "class_seed": int(cfg_dataset.get("class_seed", 0))}
     if name == "digits" and cfg_dataset.get("per_class") is not None:
         kwargs = {"per_class": cfg_dataset.get("per_class")}
-    return cls(root, split=split, download=bool(cfg_dataset.get("download", False)), transform=transform, **kwargs)
+    max_pixels = cfg_dataset.get("max_pixels")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
+        raise ConfigError(f"dataset.max_pixels: {max_pixels!r} must be a positive integer, or null for PIL's limit "
+                          "(Image.MAX_IMAGE_PIXELS)")
+    ds = cls(root, split=split, download=bool(cfg_dataset.get("download", False)), transform=transform, **kwargs)
+    ds.max_pixels = max_pixels
+    return ds

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import stat
 import tarfile
+import zipfile
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -30,6 +34,8 @@ class ImageDataset(Dataset):
         self.split = verify_split(self.name, split, self.splits)
         self.download = bool(download)
         self.transform = transform
+        #: images with more pixels are skipped as decompression bombs (None: PIL's Image.MAX_IMAGE_PIXELS)
+        self.max_pixels: int | None = None
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
 
@@ -50,7 +56,7 @@ class ImageDataset(Dataset):
 
     def image_and_mode(self, index: int):
         """(RGB PIL image, the file's original mode) of sample ``index``."""
-        return load_rgb_and_mode(self.root / self.samples[index][0])
+        return load_rgb_and_mode(self.root / self.samples[index][0], self.max_pixels)
 
     def __getitem__(self, index: int):
         img = self.image(index)
@@ -88,29 +94,84 @@ def missing_root(name: str, path: Path, expected: str, downloadable: bool = True
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> None:
-    """Extract a tar archive refusing any member outside ``dest``, links out of it and special files
-    (``tarfile``'s ``data`` filter)."""
+    """Extract a tar or zip archive, refusing any member that would land outside ``dest``.
+
+    tar: ``tarfile``'s ``data`` filter (``..``, links leading outside ``dest``, device files and setuid bits are
+    refused), plus absolute names refused rather than stripped. zip has no such filter, so :func:`check_zip_members` does the same checks on every
+    member before anything is written. A refused archive raises :class:`DataError` naming it and the member.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            check_zip_members(zf, dest, archive)
+            zf.extractall(dest)
+        return
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_tar_filter)
     except tarfile.FilterError as exc:
         raise DataError(f"{archive}: refusing to extract unsafe member ({exc})") from exc
 
 
-def fetch_archive(url: str, folder: Path, filename: str, md5: str) -> Path:
-    """Download ``url`` into ``folder/filename`` unless a file with that md5 is there; verify the md5 after."""
-    from torchvision.datasets.utils import check_integrity, download_url
+def _tar_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    """tarfile's ``data`` filter, which would strip a leading ``/``; an absolute name is refused instead."""
+    if member.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, path)
 
+
+def _inside(root: Path, target: Path) -> bool:
+    return os.path.commonpath([root, target]) == str(root)
+
+
+def check_zip_members(zf: zipfile.ZipFile, dest: Path, archive) -> None:
+    """The ``data`` filter's rules for zip: no absolute or drive names, no ``..`` leading out of ``dest``, no
+    symlink entry (``external_attr`` S_IFLNK) pointing outside ``dest``; raise :class:`DataError` on the first."""
+    root = Path(os.path.realpath(dest))
+    for info in zf.infolist():
+        name = info.filename
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
+            raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (absolute path)")
+        target = Path(os.path.normpath(root / name.replace("\\", "/")))
+        if not _inside(root, target):
+            raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (outside {dest})")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            link = zf.read(info).decode("utf-8", "replace")
+            dest_of_link = Path(os.path.normpath(target.parent / link))
+            if os.path.isabs(link) or not _inside(root, dest_of_link):
+                raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (a link to {link!r}, outside {dest})")
+
+
+def check_file_hash(path: Path, *, md5: str | None = None, sha256: str | None = None) -> None:
+    """Raise :class:`DataError` naming ``path`` and both digests unless its md5 / sha256 (hashed in chunks) match."""
+    for algo, expected in (("md5", md5), ("sha256", sha256)):
+        if expected is None:
+            continue
+        h = hashlib.new(algo)
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        if h.hexdigest() != expected.lower():
+            raise DataError(f"dataset.download: {path}: {algo} {h.hexdigest()} is not the expected {expected}; the file "
+                            "is not used: delete it (a partial or different download) and retry")
+
+
+def fetch_archive(url: str, folder: Path, filename: str, md5: str) -> Path:
+    """``folder/filename``, downloaded from ``url`` unless present; its md5 is checked before it is used.
+
+    A file already there with another md5 is an error (never extracted, never silently replaced)."""
     path = folder / filename
-    if not check_integrity(str(path), md5):
-        try:
-            download_url(url, str(folder), filename=filename, md5=md5)
-        except Exception as exc:  # noqa: BLE001 - network errors of every kind
-            raise DataError(f"dataset.download: fetching {url} failed ({exc}); download it elsewhere and place it at {path}") from exc
-        if not check_integrity(str(path), md5):
-            raise DataError(f"dataset.download: {path}: md5 mismatch (expected {md5}); delete it and retry")
+    if path.is_file():
+        check_file_hash(path, md5=md5)
+        return path
+    from torchvision.datasets.utils import download_url
+
+    try:
+        download_url(url, str(folder), filename=filename, md5=md5)
+    except Exception as exc:  # noqa: BLE001 - network errors of every kind
+        raise DataError(f"dataset.download: fetching {url} failed ({exc}); download it elsewhere and place it at {path}") from exc
+    check_file_hash(path, md5=md5)
     return path
 
 

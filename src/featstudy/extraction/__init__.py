@@ -9,20 +9,23 @@ merge on rank 0 into the store (:mod:`featstudy.store` layout, DONE last) and de
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featstudy import __version__
-from featstudy.errors import ConfigError
+from featstudy.errors import ConfigError, DataError
 from featstudy.extraction.key import FORMAT_VERSION, key_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingHandle", "get_embedding", "plan"]
+__all__ = ["EmbeddingHandle", "env_rank", "get_embedding", "plan"]
 
 
 @dataclass
@@ -62,12 +65,38 @@ def _get(cfg, dotted: str, default=None):
     return default if node is None else node
 
 
-def _env_rank() -> int:
-    """Global rank of this process from the launcher's environment (0 when not distributed)."""
+def env_rank() -> int:
+    """Global rank of this process from the launcher's environment (0 when not distributed): ``RANK`` (torchrun,
+    Lightning), ``SLURM_PROCID`` (srun), then ``LOCAL_RANK`` (Lightning's subprocess DDP children)."""
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+_env_rank = env_rank
+
+
+#: errno values meaning "this folder cannot take our files": full disk or quota, read-only, no permission, a file
+#: where a folder should be
+CACHE_WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM",
+                                                                  "ENOTDIR", "EEXIST", "EFBIG") if hasattr(errno, name))
+
+
+@contextmanager
+def writing_cache(cache: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of :data:`CACHE_WRITE_ERRNOS` raised inside into a one-line :class:`DataError` naming the
+    cache folder (the CLI exits 2). Whatever was cut short is never taken as done: shards and store files are
+    renamed into place only when whole, and the DONE marker is written last."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in CACHE_WRITE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DataError(f"paths.cache_dir: cannot write the embedding cache under {cache}: {os.strerror(exc.errno)}"
+                        f"{where}; free disk space or make it writable, or set paths.cache_dir to a writable folder "
+                        "(finished shards are kept and resumed)") from exc
 
 
 def plan(cfg) -> Plan:
@@ -88,6 +117,8 @@ def plan(cfg) -> Plan:
     data_fields = {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint()}
     if ds.name == "imagenet_val":
         data_fields.update(n_classes=ds.n_classes, class_seed=ds.class_seed)
+    if ds.max_pixels is not None:  # decides which images are skipped (absent: PIL's default, keys unchanged)
+        data_fields["max_pixels"] = ds.max_pixels
     fields = {"model": ms.key_fields(), "crops": crops.key_fields(), "pooling": pool, "precision": precision,
               "dataset": data_fields}
     key = key_of(fields, prefix=f"{ms.name}-{ds.name}-{ds.split}")
@@ -134,25 +165,27 @@ def get_embedding(cfg) -> EmbeddingHandle:
         return _handle(p, hit=True)
     rank = _env_rank()
     if rank != 0:  # a DDP child: rank 0 holds the lock and merges
-        _extract(cfg, p)
+        with writing_cache(p.folder.parent.parent):
+            _extract(cfg, p)
         return _handle(p, hit=False)
     from filelock import FileLock, Timeout
 
-    p.folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(p.folder.parent / f"{p.key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("embedding %s: another process is extracting it; waiting for its lock", p.key)
-        lock.acquire()
-    try:
-        if is_complete(p.folder):
-            shutil.rmtree(p.folder / "shards", ignore_errors=True)
-            log.info("embedding %s: finished by another process, reusing %s", p.key, p.folder)
-            return _handle(p, hit=True)
-        _extract(cfg, p)
-    finally:
-        lock.release()
+    with writing_cache(p.folder.parent.parent):
+        p.folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(p.folder.parent / f"{p.key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("embedding %s: another process is extracting it; waiting for its lock", p.key)
+            lock.acquire()
+        try:
+            if is_complete(p.folder):
+                shutil.rmtree(p.folder / "shards", ignore_errors=True)
+                log.info("embedding %s: finished by another process, reusing %s", p.key, p.folder)
+                return _handle(p, hit=True)
+            _extract(cfg, p)
+        finally:
+            lock.release()
     return _handle(p, hit=False)
 
 

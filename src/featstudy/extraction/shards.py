@@ -110,6 +110,8 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / DONE_MARKER).unlink(missing_ok=True)
+    for stale in [*out.glob(".*.npy"), *out.glob(".*.tmp")]:
+        stale.unlink(missing_ok=True)  # temp files of a merge killed before its renames
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".features.", suffix=".npy")
     os.close(fd)
     try:
