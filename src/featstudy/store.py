@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -42,20 +45,29 @@ class EmbeddingError(DataError):
     """An embedding folder is missing, unfinished or inconsistent."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, then rename."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, prefix: str | None = None, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file that replaces ``path`` atomically: written to a temp file in the same folder, flushed and
+    fsynced, then renamed onto ``path``. On any error (or a kill) ``path`` is untouched and the temp file removed
+    (a kill -9 may leave the temp file, named ``<prefix>*<suffix>``, which a finished reader never takes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -64,19 +76,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` to a temp file in the same folder, fsync, then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``np.save`` onto ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, prefix=f".{Path(path).stem}.", suffix=".npy") as fh:
+        np.save(fh, array)
 
 
 def layer_of(feature_name: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featstudy.store import DONE_MARKER, atomic_write_text
+from featstudy.store import DONE_MARKER, atomic_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,10 @@ def write_shard(folder: Path, rank: int, ids: np.ndarray, features: np.ndarray,
     folder.mkdir(parents=True, exist_ok=True)
     all_ids = np.concatenate([ids, skipped_ids])
     path = folder / f"shard-{int(all_ids.min()):09d}-r{rank}.npz"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".shard-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, ids=ids.astype(np.int64), features=features.astype(np.float32, copy=False),
-                     skipped_ids=skipped_ids.astype(np.int64), skipped_reasons=np.asarray(skipped_reasons, dtype=str),
-                     modes=np.asarray(modes if modes is not None else ["?"] * len(ids), dtype=str))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, prefix=".shard-", suffix=".npz.tmp") as fh:
+        np.savez(fh, ids=ids.astype(np.int64), features=features.astype(np.float32, copy=False),
+                 skipped_ids=skipped_ids.astype(np.int64), skipped_reasons=np.asarray(skipped_reasons, dtype=str),
+                 modes=np.asarray(modes if modes is not None else ["?"] * len(ids), dtype=str))
     return path
 
 
