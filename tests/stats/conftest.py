@@ -16,3 +16,12 @@ def relu_data():
     labels[0] = "single"  # a class with one image
     x[labels == "cls03", 2] += 1.0
     return x, labels
+
+
+@pytest.fixture(params=["table", "sort"])
+def binned_kernel(request, monkeypatch):
+    """Run a binned test through both binned kernels (which one runs is otherwise chosen by problem size)."""
+    from featstudy.stats import ks
+
+    monkeypatch.setattr(ks, "binned_method", lambda n, nbins, n_classes: request.param)
+    return request.param

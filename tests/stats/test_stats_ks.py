@@ -100,9 +100,21 @@ def _ref_bins(x, nbins):
     return np.clip(np.floor(((x - lo) / span) * nbins), 0, nbins - 1)
 
 
+@pytest.mark.parametrize("method", ["table", "sort"])
 @settings(max_examples=100, deadline=None)
-@given(small_ints, st.integers(1, 6))
-def test_property_binned_equals_exact_on_bin_indices(data, nbins):
+@given(data=small_ints, nbins=st.integers(1, 6))
+def test_property_binned_equals_exact_on_bin_indices(method, data, nbins):
+    from featstudy.stats import ks
+
+    real = ks.binned_method
+    ks.binned_method = lambda n, b, c: method  # hypothesis re-runs the body: no function-scoped fixture here
+    try:
+        _check_binned_equals_exact_on_bin_indices(data, nbins)
+    finally:
+        ks.binned_method = real
+
+
+def _check_binned_equals_exact_on_bin_indices(data, nbins):
     values, ys = data
     x = (np.array(values, dtype=np.float32) * np.float32(0.37))[:, None]
     rb = signed_ks(x, ys, bins=nbins)
@@ -111,7 +123,7 @@ def test_property_binned_equals_exact_on_bin_indices(data, nbins):
     np.testing.assert_array_equal(rb.sign, re.sign)
 
 
-def test_binned_formula_float64_as_written_and_clipped():
+def test_binned_formula_float64_as_written_and_clipped(binned_kernel):
     lo, hi, nbins = 0.1, 0.7, 100
     edges = lo + np.arange(nbins + 1) * ((hi - lo) / nbins)
     cand = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)])
@@ -136,7 +148,45 @@ def test_binned_formula_float64_as_written_and_clipped():
     assert set(rb.location_plus[0]) | set(rb.location_minus[0]) <= set(right.tolist())
 
 
-def test_negative_zero_equals_positive_zero():
+def test_float32_features_bin_with_a_float64_span(binned_kernel):
+    # max − min of float32 data rounds in float32: (98765.43 − −1.2345678) is 98766.664 there, 98766.66425...
+    # in float64. The formula's span is float64, so these values fall in the bin float64 arithmetic gives.
+    lo, hi, nbins = np.float32(-1.2345678), np.float32(98765.43), 100
+    span = np.float64(hi) - np.float64(lo)
+    edges = (np.float64(lo) + np.arange(nbins + 1) * (span / nbins)).astype(np.float32)
+    cand = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf))])
+    cand = cand[(cand >= lo) & (cand <= hi)].astype(np.float64)
+    as_f64 = np.clip(np.floor(((cand - np.float64(lo)) / span) * nbins), 0, nbins - 1)
+    as_f32_span = np.clip(np.floor(((cand - np.float64(lo)) / np.float64(hi - lo)) * nbins), 0, nbins - 1)
+    assert (as_f64 != as_f32_span).any()
+    x = np.concatenate([[lo, hi], cand]).astype(np.float32)[:, None]
+    ref = np.clip(np.floor(((x.astype(np.float64) - np.float64(lo)) / span) * nbins), 0, nbins - 1)
+    for seed in range(5):  # labels that make the moved values matter
+        y = np.random.default_rng(seed).integers(0, 3, x.shape[0])
+        got = signed_ks(x, y, bins=nbins)
+        want = signed_ks(ref, y, bins=None)
+        np.testing.assert_array_equal(got.d, want.d)
+        np.testing.assert_array_equal(got.sign, want.sign)
+
+
+def test_f32_sort_key_orders_like_the_values():
+    v = np.array([-np.inf, -3.4e38, -1.5, -1e-45, -0.0, 0.0, 1e-45, 1.2e-38, 1.0, 1.5, 3.4e38, np.inf], np.float32)
+    keys = [int(_kernels._f32_sort_key(b)) for b in v.view(np.uint32)]
+    assert all(0 <= k < 2**32 for k in keys)
+    assert keys[4] == keys[5]  # -0.0 is +0.0
+    assert keys == sorted(keys) and len(set(keys)) == len(keys) - 1
+
+
+def test_binned_method_picks_the_table_when_it_is_small_and_exact():
+    from featstudy.stats.ks import binned_method
+
+    assert binned_method(6000, 100, 200) == "table"  # cub200
+    assert binned_method(25_000, 100, 500) == "table"  # 500 ImageNet classes
+    assert binned_method(6000, 10_000, 200) == "sort"  # 2M cells against 6,000 images
+    assert binned_method(200_000_000, 100, 2) == "sort"  # N²·S beyond 2^53: float64 keys would round
+
+
+def test_negative_zero_equals_positive_zero(binned_kernel):
     rng = np.random.default_rng(1)
     base = np.where(rng.random((50, 4)) < 0.5, 0.0, rng.normal(size=(50, 4)))
     y = np.arange(50) % 3
@@ -168,7 +218,7 @@ def test_counts_beyond_int32():
     assert 0 <= r.d_plus[1, 0] <= 1 and 0 <= r.d_minus[1, 0] <= 1
 
 
-def test_constant_feature_is_zero_binned_and_exact():
+def test_constant_feature_is_zero_binned_and_exact(binned_kernel):
     x = np.full((10, 2), 3.0, dtype=np.float32)
     x[:, 1] = np.arange(10)
     for bins in (None, 100):
@@ -189,7 +239,7 @@ def test_constant_feature_is_zero_binned_and_exact():
     ],
 )
 @pytest.mark.parametrize("bins", [None, 10])
-def test_errors_name_the_problem(x, y, match, bins):
+def test_errors_name_the_problem(x, y, match, bins, binned_kernel):
     with pytest.raises(ValueError, match=match):
         signed_ks(x, y, bins=bins)
 
@@ -203,7 +253,9 @@ def test_bad_bins_and_chunk_size():
 
 
 @pytest.mark.parametrize("bins", [None, 100])
-def test_memmap_chunking_and_dtypes_give_identical_results(tmp_path, relu_data, bins, monkeypatch):
+def test_memmap_chunking_and_dtypes_give_identical_results(tmp_path, relu_data, bins, monkeypatch, binned_kernel):
+    if bins is None and binned_kernel == "sort":
+        pytest.skip("exact statistics do not use a binned kernel")
     x, labels = relu_data
     x = np.concatenate([x, x[:, ::-1] * 2, x[:, :30]], axis=1)  # 78 features: several kernel groups
     ref = signed_ks(x, labels, bins=bins)
@@ -230,7 +282,7 @@ def test_memmap_chunking_and_dtypes_give_identical_results(tmp_path, relu_data, 
 
 
 @pytest.mark.parametrize("bins", [None, 20])
-def test_random_labels_reuse_the_sort_and_match_permuted_runs(relu_data, bins):
+def test_random_labels_reuse_the_sort_and_match_permuted_runs(relu_data, bins, binned_kernel):
     x, labels = relu_data
     out = signed_ks_random(x, labels, permutations=3, seed=5, bins=bins, chunk_size=10)
     rows = permuted_labels(labels, permutations=3, seed=5)
@@ -276,7 +328,9 @@ def test_numba_cache_is_used_in_a_fresh_process():
         "for dt in (np.float32, np.float64):\n"
         "    for b in (None, 10):\n"
         "        signed_ks(x.astype(dt), np.arange(30) % 3, bins=b)\n"
-        "miss = {k.__name__: dict(k.stats.cache_misses) for k in (K.exact_f32, K.exact_f64, K.binned)}\n"
+        "    signed_ks(x.astype(dt), np.arange(30) % 3, bins=10_000)\n"  # the sort kernel
+        "miss = {k.__name__: dict(k.stats.cache_misses) for k in (K.exact_f32, K.exact_f64, K.binned, "
+        "K.binned_table)}\n"
         "print(miss)\n"
         "raise SystemExit(1 if any(miss.values()) else 0)\n"
     )
