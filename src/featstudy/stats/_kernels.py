@@ -17,6 +17,10 @@ holds members of c. One pass over the sorted sample, touching for each element o
 candidate; candidates are visited in increasing x and replaced only on strict improvement, so the reported
 location is the smallest sample value at which the extremum is attained.
 
+Binned data need no sort: :func:`binned_table` counts each class per bin in a (B, C) table and evaluates g at
+every bin edge for all classes at once (a loop along classes that vectorises). Its running g and the keys that
+carry the extremum's bin are float64 holding integers below 2^53, hence exact; the caller checks the bound.
+
 Kernels never call ``numba.get_num_threads()``: that silently disables ``cache=True``.
 """
 
