@@ -174,6 +174,22 @@ def _check_classes(cfg: DictConfig) -> None:
                         f"{names}; the analysis compares classes, so it needs two classes or more")
 
 
+def _check_layers(cfg: DictConfig) -> None:
+    """Refuse ``analysis.layers`` names that the model does not produce, before any extraction (which may take
+    hours); one line naming the key, the unknown names and the valid ones."""
+    layers = cfg.analysis.get("layers")
+    if layers is None:
+        return
+    from featstudy import models
+    from featstudy.errors import ConfigError
+
+    known = list(models.spec(cfg.model).nodes.values())
+    unknown = [name for name in layers if name not in known]
+    if unknown:
+        raise ConfigError(f"analysis.layers: unknown layer(s) {unknown}; {cfg.model.name} with these model.nodes "
+                          f"has {known}")
+
+
 def _get_embedding(cfg: DictConfig) -> Any:
     """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
     from featstudy.extraction import get_embedding
@@ -205,6 +221,7 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     tracker.log_artifact(output_dir / "config.yaml")
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
+    _check_layers(cfg)
     _check_classes(cfg)
     handle = _get_embedding(cfg)
     tracker.set_tags({

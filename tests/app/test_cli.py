@@ -91,11 +91,14 @@ def _bad_input(case: str, tmp: Path) -> tuple[list[str], list[str]]:
         (tmp / "blocker").write_text("not a folder")
         return [f"dataset.root={two}", f"paths.cache_dir={tmp / 'blocker' / 'cache'}"], \
             ["paths.cache_dir", str(tmp / "blocker"), "Not a directory", "writable"]
+    if case == "unknown analysis layer":  # found before extraction (the DONE check below), not after it
+        return [f"dataset.root={two}", "analysis.layers=[fc7,nope]"], ["analysis.layers", "'nope'", "conv5_4"]
     raise AssertionError(case)
 
 
 BAD_INPUT = ["missing dataset root", "missing weights file", "crops.size > crops.resize", "analysis.bins=0",
-             "analysis.bins=-5", "empty dataset", "one-class dataset", "cache folder is a file"]
+             "analysis.bins=-5", "empty dataset", "one-class dataset", "cache folder is a file",
+             "unknown analysis layer"]
 
 
 @pytest.fixture(scope="module")

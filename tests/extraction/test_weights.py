@@ -100,3 +100,17 @@ def test_random_is_seeded_and_tagged():
 
     torch.testing.assert_close(first_conv(3), first_conv(3))
     assert not torch.equal(first_conv(3), first_conv(4))
+
+
+def test_sha256_is_remembered_per_file_state_and_recomputed_after_a_change(tmp_path):
+    import hashlib
+    import os
+
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"a" * 1000)
+    first = W.sha256_of(f)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and W.sha256_of(f) == first
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)  # same size; the mtime moves on
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert W.sha256_of(f) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -67,12 +67,21 @@ class WeightsSource:
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, hashed in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """Hex sha256 of a file, hashed in chunks; remembered per (path, size, mtime) within the process, so a job
+    that checks its weights before extracting does not read 0.5 GB twice."""
+    st = os.stat(path)
+    memo_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    digest = _SHA256_MEMO.get(memo_key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        digest = _SHA256_MEMO[memo_key] = h.hexdigest()
+    return digest
+
+
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def checkpoint_dir() -> Path:
