@@ -97,6 +97,25 @@ def _gather_columns(block, j0, gw, col):
                 col[j, i] = block[i, j0 + j]
 
 
+@njit(cache=True, inline="always")
+def _group_columns(block, grp):
+    """(j0, gw, col) of feature group ``grp``: its first column, its width (≤ GROUP) and its columns gathered.
+
+    Inlined into the kernels (as a plain call it cost the table kernel ~10% in bench/ks.py)."""
+    j0 = grp * GROUP
+    gw = min(GROUP, block.shape[1] - j0)
+    col = np.empty((GROUP, block.shape[0]), dtype=block.dtype)
+    _gather_columns(block, j0, gw, col)
+    return j0, gw, col
+
+
+@njit(cache=True, inline="always")
+def _class_scratch(c_count):
+    """Per-class scratch of :func:`_emit`: extrema (g1, g2), their sorted positions (i1, i2) and counts."""
+    return (np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
+            np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64))
+
+
 _SIGN32 = np.uint32(0x80000000)
 _EXP32 = np.uint32(0x7F800000)
 
@@ -263,10 +282,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
     n_groups = (fc + GROUP - 1) // GROUP
     zero_key = _f32_sort_key(np.uint32(0))
     for grp in prange(n_groups):
-        j0 = grp * GROUP
-        gw = min(GROUP, fc - j0)
-        col = np.empty((GROUP, n), dtype=np.float32)
-        _gather_columns(block, j0, gw, col)
+        j0, gw, col = _group_columns(block, grp)
         packed = np.empty(n, dtype=np.uint64)
         tmp = np.empty(n, dtype=np.uint64)
         zidx = np.empty(n, dtype=np.int32)
@@ -274,11 +290,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
         rs = np.empty(n, dtype=np.int32)
         re = np.empty(n, dtype=np.int32)
         hist = np.empty((3, 2048), dtype=np.int64)
-        g1 = np.empty(c_count, dtype=np.int64)
-        g2 = np.empty(c_count, dtype=np.int64)
-        i1 = np.empty(c_count, dtype=np.int64)
-        i2 = np.empty(c_count, dtype=np.int64)
-        acount = np.empty(c_count, dtype=np.int64)
+        g1, g2, i1, i2, acount = _class_scratch(c_count)
         for j in range(gw):
             bits = col[j].view(np.uint32)
             nonfinite = False
@@ -338,19 +350,12 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     c_count = n_in.size
     n_groups = (fc + GROUP - 1) // GROUP
     for grp in prange(n_groups):
-        j0 = grp * GROUP
-        gw = min(GROUP, fc - j0)
-        col = np.empty((GROUP, n), dtype=np.float64)
-        _gather_columns(block, j0, gw, col)
+        j0, gw, col = _group_columns(block, grp)
         skey = np.empty(n, dtype=np.float64)
         sidx = np.empty(n, dtype=np.int32)
         rs = np.empty(n, dtype=np.int32)
         re = np.empty(n, dtype=np.int32)
-        g1 = np.empty(c_count, dtype=np.int64)
-        g2 = np.empty(c_count, dtype=np.int64)
-        i1 = np.empty(c_count, dtype=np.int64)
-        i2 = np.empty(c_count, dtype=np.int64)
-        acount = np.empty(c_count, dtype=np.int64)
+        g1, g2, i1, i2, acount = _class_scratch(c_count)
         for j in range(gw):
             x = col[j]
             nonfinite = False
@@ -441,10 +446,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     c_count = n_in.size
     n_groups = (fc + GROUP - 1) // GROUP
     for grp in prange(n_groups):
-        j0 = grp * GROUP
-        gw = min(GROUP, fc - j0)
-        col = np.empty((GROUP, n), dtype=block.dtype)
-        _gather_columns(block, j0, gw, col)
+        j0, gw, col = _group_columns(block, grp)
         bins = np.empty(n, dtype=np.int32)
         sidx = np.empty(n, dtype=np.int32)
         rs = np.empty(n, dtype=np.int32)
@@ -453,11 +455,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
         hist = np.empty(nbins, dtype=np.int64)
         bstart = np.empty(nbins, dtype=np.int64)
         edges = np.empty(nbins, dtype=np.float64)
-        g1 = np.empty(c_count, dtype=np.int64)
-        g2 = np.empty(c_count, dtype=np.int64)
-        i1 = np.empty(c_count, dtype=np.int64)
-        i2 = np.empty(c_count, dtype=np.int64)
-        acount = np.empty(c_count, dtype=np.int64)
+        g1, g2, i1, i2, acount = _class_scratch(c_count)
         for j in range(gw):
             x = col[j]
             lo, hi, finite = _value_range(x)
@@ -529,10 +527,7 @@ def binned_table(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     scale = table_scale(nbins)
     n_scaled = np.float64(n) * scale
     for grp in prange(n_groups):
-        j0 = grp * GROUP
-        gw = min(GROUP, fc - j0)
-        col = np.empty((GROUP, n), dtype=block.dtype)
-        _gather_columns(block, j0, gw, col)
+        j0, gw, col = _group_columns(block, grp)
         bins = np.empty(n, dtype=np.int32)
         total = np.empty(nbins, dtype=np.int64)
         table = np.empty(nbins * c_count, dtype=np.int32)  # table[b·C + c]: images of class c in bin b
