@@ -256,25 +256,40 @@ class Tracker:
         self.retries = retries
         self.retry_delay = retry_delay
         self.broken: Exception | None = None
+        self.off = False  # tracking.uri=null: journal only
         self.ended = False
 
     # -- life cycle
     @classmethod
     def start(cls, cfg: Any, *, run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None, sweep_dir: str | Path | None = None) -> "Tracker | NullTracker":
-        """Create a run from ``cfg.tracking``; a :class:`NullTracker` when ``tracking.uri`` is null."""
+              tags: Mapping[str, str] | None = None, sweep_dir: str | Path | None = None) -> "Tracker":
+        """Create a run from ``cfg.tracking``; with ``tracking.uri=null`` a journal-only tracker (:meth:`offline`)."""
         t = cfg.tracking
-        if t.uri is None:
-            log.info("tracking.uri=null: MLflow tracking is off; results stay in %s", cfg.paths.output_dir)
-            return NullTracker()
-        apply_http_settings(t)
         all_tags = {str(k): str(v) for k, v in (t.get("tags") or {}).items()}
         all_tags.update(tags or {})
         name = run_name or t.get("run_name") or str(cfg.task_name)
+        if t.uri is None:
+            return cls.offline(cfg.paths.output_dir, str(t.experiment_name), t.get("artifact_location"),
+                               run_name=name, tags=all_tags, sweep_dir=sweep_dir)
+        apply_http_settings(t)
         return cls.create(str(t.uri), str(t.experiment_name), t.get("artifact_location"), run_name=name,
                           tags=all_tags, parent_run_id=parent_run_id, journal_dir=cfg.paths.output_dir,
                           sweep_dir=sweep_dir, retries=int(t.get("retries", 3)),
                           retry_delay=float(t.get("retry_delay", 1.0)))
+
+    @classmethod
+    def offline(cls, journal_dir: str | Path, experiment_name: str, artifact_location: str | None, *,
+                run_name: str, tags: Mapping[str, str] | None = None,
+                sweep_dir: str | Path | None = None) -> "Tracker":
+        """Tracking off (``tracking.uri=null``): nothing is sent, but the job keeps its journal, so
+        ``python -m featstudy.sync <folder> --tracking-uri URI`` can log it into a store later."""
+        journal = Journal.start(journal_dir, uri=None, experiment_name=experiment_name,
+                                artifact_location=artifact_location, run_name=run_name, tags=dict(tags or {}),
+                                parent_run_id=None, sweep_dir=str(sweep_dir) if sweep_dir else None)
+        log.info("tracking.uri=null: MLflow tracking is off; results and their journal stay in %s", journal.folder)
+        tracker = cls(None, None, None, None, journal)
+        tracker.off = True
+        return tracker
 
     @classmethod
     def create(cls, uri: str, experiment_name: str, artifact_location: str | None, *, run_name: str,
@@ -326,6 +341,10 @@ class Tracker:
             raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
         self.ended = True
         seq = self.journal.record("end", status=status, time=time.time()) if self.journal else None
+        if self.off:
+            print(f"[featstudy] tracking.uri=null: nothing was sent to MLflow. To log this job later: "
+                  f"python -m featstudy.sync {self.journal.folder} --tracking-uri URI", file=sys.stderr, flush=True)
+            return
         if self.broken is not None:
             # Uploads are incomplete: the run is left as it is (ACTIVE, or absent) for `featstudy.sync` to complete;
             # a tag tells the UI why, when the store answers at all.
@@ -353,7 +372,7 @@ class Tracker:
         return self.journal.record(op, **payload) if self.journal is not None else None
 
     def _safe(self, what: str, fn: Callable[[], Any], seq: int | None = None) -> None:
-        if self.broken is not None:
+        if self.broken is not None or self.off:
             return
         try:
             _retry(fn, what, self.retries, self.retry_delay)
@@ -434,22 +453,6 @@ class Tracker:
             self._safe("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), seq)
 
 
-class NullTracker:
-    """Stands in for :class:`Tracker` when ``tracking.uri=null``: logs nothing."""
-
-    run_id = None
-    uri = None
-    broken = None
-
-    def end(self, status: str) -> None:  # noqa: D102
-        pass
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        if name.startswith(("log_", "set_")):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-
 # --------------------------------------------------------------------------------------------- multirun
 
 def parent_run_id_from(sweep_dir: str | Path) -> str | None:
@@ -477,15 +480,13 @@ class SweepCallback(_HydraCallback):
         from featstudy import __version__
 
         t = config.tracking
-        if t.uri is None:
-            return
-        uri = normalise_uri(str(t.uri))
+        uri = normalise_uri(str(t.uri)) if t.uri is not None else None
         launcher = str(config.hydra.launcher.get("_target_", ""))
-        if sqlite_path(uri) is not None and any(x in launcher for x in ("joblib", "submitit", "ray", "rq")):
+        parallel = any(x in launcher for x in ("joblib", "submitit", "ray", "rq"))
+        if uri is not None and sqlite_path(uri) is not None and parallel:
             log.warning("A parallel launcher (%s) with a SQLite store: writes are serialised by SQLite's lock and "
                         "may time out with many jobs; for large sweeps use a server (tracking.uri=http://...).",
                         launcher.rsplit(".", 1)[-1])
-        apply_http_settings(t)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = " ".join(config.hydra.overrides.task)
@@ -497,6 +498,9 @@ class SweepCallback(_HydraCallback):
         # the sweep's identity, for `featstudy.sync` to create the parent when the store is unreachable now
         atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps({"uri": uri, "experiment_name": str(t.experiment_name),
                                                               "run_name": name, "tags": tags}, indent=1))
+        if uri is None:  # tracking off: the jobs keep journals; `featstudy.sync --tracking-uri` makes this parent
+            return
+        apply_http_settings(t)
         try:
             client, exp_id = prepare_experiment(uri, str(t.experiment_name), t.get("artifact_location"))
             run = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name), "create_run(sweep)",
@@ -713,7 +717,10 @@ def sync_job(folder: str | Path, tracking_uri: str | None = None) -> tuple[str, 
     folder = Path(folder).absolute()
     j = Journal.read(folder)
     start, ops = j["start"], j["ops"]
-    job_uri = normalise_uri(str(start["uri"]))
+    job_uri = normalise_uri(str(start["uri"])) if start.get("uri") else None
+    if tracking_uri is None and job_uri is None:
+        raise FeatstudyError(f"{folder}: this job ran with tracking.uri=null; name the store to log it into with "
+                             "--tracking-uri URI")
     uri = normalise_uri(tracking_uri) if tracking_uri else job_uri
     own = j["run_id"]
     own_acked = j["acks"].get(own, set()) if own else set()

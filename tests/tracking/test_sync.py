@@ -191,6 +191,43 @@ def test_offline_sweep_is_synced_under_one_parent(tmp_path, image_folder, helper
     assert all(r.info.status == "FINISHED" and r.data.tags["featstudy.synced"] == "true" for r in children)
 
 
+def test_untracked_job_keeps_a_journal_and_is_synced_into_a_named_store(tmp_path, image_folder, helpers, cache,
+                                                                       monkeypatch, capsys):
+    rc = helpers.run_cli([*helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT, "tracking.uri=null"],
+                         monkeypatch)
+    assert rc == 0
+    assert not list(tmp_path.rglob("mlflow.db"))  # tracking off: no store was touched
+    folder = job_folder(tmp_path)
+    expected = journaled(folder)
+    assert expected["status"] == "FINISHED" and "t_plus" in expected["metrics"] and expected["params"]
+    assert f"python -m featstudy.sync {folder} --tracking-uri" in capsys.readouterr().err
+
+    assert sync.main([str(folder)]) == 2  # no store to log into: the one line says which option names one
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tracking.uri=null" in err and "--tracking-uri" in err
+
+    store = f"sqlite:///{tmp_path}/later/mlflow.db"
+    assert sync.main([str(folder), "--tracking-uri", store]) == 0
+    (run,) = runs_in(store)
+    assert_run_matches(store, run, expected)
+    assert sync.main([str(folder), "--tracking-uri", store]) == 0
+    assert "already synced" in capsys.readouterr().out and len(runs_in(store)) == 1
+
+
+def test_untracked_sweep_is_synced_under_one_parent(tmp_path, image_folder, helpers, cache, monkeypatch):
+    rc = helpers.run_cli(["-m", *helpers.tiny_overrides(tmp_path, image_folder), cache, *LIGHT, "tracking.uri=null",
+                          "analysis.bins=25,50"], monkeypatch)
+    assert rc == 0
+    (sweep_dir,) = [p.parent for p in tmp_path.rglob(tracking.SWEEP_FILE)]
+    store = f"sqlite:///{tmp_path}/later/mlflow.db"
+    assert sync.main([str(sweep_dir), "--tracking-uri", store]) == 0
+    runs = runs_in(store)
+    (parent,) = [r for r in runs if r.data.tags.get("featstudy.role") == "sweep"]
+    assert parent.info.status == "FINISHED" and "analysis.bins=25,50" in parent.data.tags["featstudy.sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["analysis.bins"] for r in children) == ["25", "50"] and len(runs) == 3
+
+
 def test_not_an_output_folder_exits_2_with_one_line(tmp_path, capsys):
     assert sync.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
