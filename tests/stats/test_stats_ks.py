@@ -218,6 +218,19 @@ def test_counts_beyond_int32():
     assert 0 <= r.d_plus[1, 0] <= 1 and 0 <= r.d_minus[1, 0] <= 1
 
 
+def test_binned_counts_beyond_int32(binned_kernel):
+    m = 46_341  # n_in * n_out > 2**31 in both binned kernels
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2 * m, 1)).astype(np.float32)
+    y = np.repeat([0, 1], m)
+    x[y == 0] += 0.05
+    rb = signed_ks(x, y, bins=100)
+    ref = signed_ks(_ref_bins(x, 100), y, bins=None)
+    np.testing.assert_array_equal(rb.d, ref.d)
+    np.testing.assert_array_equal(rb.sign, ref.sign)
+    assert rb.d[0, 0] > 0
+
+
 def test_constant_feature_is_zero_binned_and_exact(binned_kernel):
     x = np.full((10, 2), 3.0, dtype=np.float32)
     x[:, 1] = np.arange(10)
