@@ -257,6 +257,19 @@ def test_errors_name_the_problem(x, y, match, bins, binned_kernel):
         signed_ks(x, y, bins=bins)
 
 
+def test_overflowing_range_and_wide_integers_are_named(binned_kernel):
+    x = np.array([[-1e308, 0.0], [1e308, 1.0], [0.0, 2.0], [1.0, 3.0]])
+    y = [0, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"max − min overflows float64 in feature column\(s\) \[0\].*bins=None"):
+        signed_ks(x, y, bins=10)
+    assert signed_ks(x, y, bins=None).d[0].tolist() == [-1.0, 1.0]  # exact: only the order matters
+    wide = np.array([[2**53], [2**53 + 1], [2**53], [2**53 + 1]], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"beyond ±2\^53 \(feature column\(s\) \[0\]\)"):
+        signed_ks(wide, y, bins=None)
+    narrow = np.array([[2**52], [2**52 + 1], [2**52], [2**52 + 1]], dtype=np.int64)
+    assert signed_ks(narrow, y, bins=None).d[0].tolist() == [-1.0, 1.0]
+
+
 def test_bad_bins_and_chunk_size():
     x = np.zeros((4, 2))
     with pytest.raises(ValueError, match="bins"):
