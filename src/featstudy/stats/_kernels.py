@@ -110,10 +110,11 @@ def _group_columns(block, grp):
 
 
 @njit(cache=True, inline="always")
-def _class_scratch(c_count):
-    """Per-class scratch of :func:`_emit`: extrema (g1, g2), their sorted positions (i1, i2) and counts."""
+def _class_scratch(c_count, n):
+    """Scratch of :func:`_emit`: per class the extrema (g1, g2), their sorted positions (i1, i2) and counts; per
+    sorted position the class (slab)."""
     return (np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
-            np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64))
+            np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(n, dtype=np.int32))
 
 
 _SIGN32 = np.uint32(0x80000000)
@@ -158,7 +159,7 @@ def _packed_runs(srt, t0, t1, offset, sidx, rs, re):
 
 
 @njit(cache=True)
-def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
+def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount, slab):
     """Extrema of g for every class in one pass over the sorted sample.
 
     Element i (sorted position, class c = lab[sidx[i]], in run [s, e)) offers the D+ candidate at the end of the
@@ -176,8 +177,10 @@ def _class_pass(sidx, rs, re, lab, n_in, n, gmax, gmin, imax, imin, acount):
         imax[c] = n - 1
         imin[c] = n - 1
     nn = np.int64(n)
+    for i in range(n):  # the classes in sorted order first: the pass below then reads them in sequence (-35%)
+        slab[i] = lab[np.uint64(sidx[i])]
     for i in range(n):
-        c = np.uint64(lab[np.uint64(sidx[i])])  # unsigned indices: no wraparound checks
+        c = np.uint64(slab[i])  # unsigned indices: no wraparound checks
         s = np.int64(rs[i])
         e = np.int64(re[i])
         nc = n_in[c]
@@ -259,9 +262,9 @@ def _f32_sort_key(bits):
 
 
 @njit(cache=True)
-def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, values):
+def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm, values):
     """Class pass for permutation row k of feature jj; writes the extrema and their locations values[sidx[.]]."""
-    _class_pass(sidx, rs, re, lab, n_in, n, g1, g2, i1, i2, acount)
+    _class_pass(sidx, rs, re, lab, n_in, n, g1, g2, i1, i2, acount, slab)
     for c in range(n_in.size):
         gmax[k, jj, c] = g1[c]
         gmin[k, jj, c] = g2[c]
@@ -290,7 +293,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
         rs = np.empty(n, dtype=np.int32)
         re = np.empty(n, dtype=np.int32)
         hist = np.empty((3, 2048), dtype=np.int64)
-        g1, g2, i1, i2, acount = _class_scratch(c_count)
+        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
         for j in range(gw):
             bits = col[j].view(np.uint32)
             nonfinite = False
@@ -338,7 +341,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
             if m > p:
                 _packed_runs(srt, p, m, p + nz, sidx, rs, re)
             for k in range(kperm):
-                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm,
                       col[j])
 
 
@@ -355,7 +358,7 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
         sidx = np.empty(n, dtype=np.int32)
         rs = np.empty(n, dtype=np.int32)
         re = np.empty(n, dtype=np.int32)
-        g1, g2, i1, i2, acount = _class_scratch(c_count)
+        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
             nonfinite = False
@@ -371,7 +374,7 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
                 skey[i] = x[order[i]]
             _run_bounds(skey, rs, re)
             for k in range(kperm):
-                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm, x)
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm, x)
 
 
 @njit(cache=True)
@@ -455,7 +458,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
         hist = np.empty(nbins, dtype=np.int64)
         bstart = np.empty(nbins, dtype=np.int64)
         edges = np.empty(nbins, dtype=np.float64)
-        g1, g2, i1, i2, acount = _class_scratch(c_count)
+        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
             lo, hi, finite = _value_range(x)
@@ -491,7 +494,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
             for i in range(n):
                 loc_of[i] = edges[bins[i]]
             for k in range(kperm):
-                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, gmax, gmin, locp, locm,
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm,
                       loc_of)
 
 
