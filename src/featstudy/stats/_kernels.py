@@ -374,7 +374,8 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
                 skey[i] = x[order[i]]
             _run_bounds(skey, rs, re)
             for k in range(kperm):
-                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm, x)
+                _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm,
+                      x)
 
 
 @njit(cache=True)
