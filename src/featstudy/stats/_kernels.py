@@ -139,23 +139,33 @@ def _run_bounds(skey, rs, re):
 
 @njit(cache=True)
 def _packed_runs(srt, t0, t1, offset, sidx, rs, re):
-    """Copy payloads of sorted packed ``srt[t0:t1]`` to ``sidx[offset:]`` and fill their run bounds."""
+    """Copy payloads of sorted packed ``srt[t0:t1]`` to ``sidx[offset:]`` and fill their run bounds.
+
+    Two branch-free sweeps, run starts forwards and run ends backwards (a backfill per run mispredicts on the
+    mostly single-element runs of real-valued features).
+    """
+    if t1 <= t0:
+        return
+    high = np.uint64(32)
+    low = np.uint64(0xFFFFFFFF)
+    prev = srt[t0] >> high
     start = offset
-    prev = srt[t0] >> np.uint64(32)
     for t in range(t0, t1):
         v = srt[t]
-        k = v >> np.uint64(32)
+        k = v >> high
         pos = offset + t - t0
-        if k != prev:
-            for q in range(start, pos):
-                re[q] = pos
-            start = pos
-            prev = k
-        sidx[pos] = np.int32(v & np.uint64(0xFFFFFFFF))
+        start = pos if k != prev else start
+        prev = k
+        sidx[pos] = np.int32(v & low)
         rs[pos] = start
-    end = offset + t1 - t0
-    for q in range(start, end):
-        re[q] = end
+    nxt = srt[t1 - 1] >> high
+    stop = offset + t1 - t0
+    for t in range(t1 - 1, t0 - 1, -1):
+        k = srt[t] >> high
+        pos = offset + t - t0
+        stop = pos + 1 if k != nxt else stop
+        nxt = k
+        re[pos] = stop
 
 
 @njit(cache=True)
