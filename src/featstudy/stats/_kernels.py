@@ -594,3 +594,31 @@ def binned_table(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
                     gmin[k, jj, c] = np.int64(g_lo)
                     locp[k, jj, c] = bin_right_edge(np.int64(g_hi * scale - hi_key), lo, hi, nbins)
                     locm[k, jj, c] = bin_right_edge(np.int64(lo_key - g_lo * scale), lo, hi, nbins)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def finish_signed(gmax, gmin, locp, locm, n_in, n, d, d_plus, d_minus, location, sign):
+    """The statistics from the extrema, in one pass (F, C): D+ = g_max/(n_in·n_out), D− = −g_min/(n_in·n_out)
+    (int64 product, then float64 division: correctly rounded), the tie rule g_max ≥ −g_min on the integers, D and
+    its location by that sign; locations −0.0 become +0.0 (in place)."""
+    for f in prange(gmax.shape[0]):
+        for c in range(gmax.shape[1]):
+            denom = np.float64(n_in[c] * (n - n_in[c]))
+            g1 = gmax[f, c]
+            g2 = gmin[f, c]
+            dp = np.float64(g1) / denom
+            dm = np.float64(-g2) / denom
+            d_plus[f, c] = dp
+            d_minus[f, c] = dm
+            lp = locp[f, c] + 0.0
+            lm = locm[f, c] + 0.0
+            locp[f, c] = lp
+            locm[f, c] = lm
+            if g1 >= -g2:
+                d[f, c] = dp
+                location[f, c] = lp
+                sign[f, c] = 1
+            else:
+                d[f, c] = -dm
+                location[f, c] = lm
+                sign[f, c] = -1

@@ -180,8 +180,11 @@ def binned_method(n: int, nbins: int, n_classes: int) -> str:
     return "sort"
 
 
-def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, progress, want_locations):
-    """Drive the kernels chunk by chunk; yields (f0, f1, gmax, gmin, locp, locm) per chunk."""
+def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, progress, out=None):
+    """Drive the kernels chunk by chunk; yields (f0, f1, gmax, gmin, locp, locm) per chunk, each (K, fc, C).
+
+    ``out(f0, f1)``, when given, returns the four arrays to write into (views of the caller's results: no copy).
+    """
     n, n_features = features.shape
     exact = bins is None
     if not exact:
@@ -206,10 +209,13 @@ def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, p
             f1 = min(n_features, f0 + chunk_size)
             block = _read_block(features, f0, f1, dtype)
             fc = f1 - f0
-            gmax = np.empty((k, fc, c), dtype=np.int64)
-            gmin = np.empty((k, fc, c), dtype=np.int64)
-            locp = np.empty((k, fc, c), dtype=np.float64)
-            locm = np.empty((k, fc, c), dtype=np.float64)
+            if out is not None:
+                gmax, gmin, locp, locm = out(f0, f1)
+            else:
+                gmax = np.empty((k, fc, c), dtype=np.int64)
+                gmin = np.empty((k, fc, c), dtype=np.int64)
+                locp = np.empty((k, fc, c), dtype=np.float64)
+                locm = np.empty((k, fc, c), dtype=np.float64)
             bad = np.zeros(fc, dtype=np.bool_)
             _check_integers(features, block, f0)
             label_rows = np.ascontiguousarray(label_rows, dtype=np.int32)
@@ -322,18 +328,18 @@ def signed_ks(features, labels, *, bins: int | None = 100, chunk_size: int | Non
     gmin = np.empty((n_features, c), dtype=np.int64)
     locp = np.empty((n_features, c), dtype=np.float64)
     locm = np.empty((n_features, c), dtype=np.float64)
-    for f0, f1, g1, g2, l1, l2 in _run(features, index[None, :], n_in, bins, chunk_size, progress, True):
-        gmax[f0:f1] = g1[0]
-        gmin[f0:f1] = g2[0]
-        locp[f0:f1] = l1[0]
-        locm[f0:f1] = l2[0]
-    denom = (n_in * (n - n_in)).astype(np.float64)  # int64 product, then float
-    d_plus = gmax / denom
-    d_minus = -gmin / denom
-    positive = gmax >= -gmin  # tie rule on integers
-    d = np.where(positive, d_plus, -d_minus)
-    locp += 0.0  # -0.0 -> +0.0
-    locm += 0.0
+
+    def into(f0, f1):  # the kernels write straight into the results
+        return gmax[None, f0:f1], gmin[None, f0:f1], locp[None, f0:f1], locm[None, f0:f1]
+
+    for _ in _run(features, index[None, :], n_in, bins, chunk_size, progress, into):
+        pass
+    d = np.empty((n_features, c), dtype=np.float64)
+    d_plus = np.empty_like(d)
+    d_minus = np.empty_like(d)
+    location = np.empty_like(d)
+    sign = np.empty((n_features, c), dtype=np.int8)
+    _kernels.finish_signed(gmax, gmin, locp, locm, n_in, n, d, d_plus, d_minus, location, sign)
     return KSResult(
         d=d,
         d_plus=d_plus,
@@ -341,10 +347,10 @@ def signed_ks(features, labels, *, bins: int | None = 100, chunk_size: int | Non
         classes=classes,
         n_in=n_in,
         n=int(n),
-        location=np.where(positive, locp, locm),
+        location=location,
         location_plus=locp,
         location_minus=locm,
-        sign=np.where(positive, 1, -1).astype(np.int8),
+        sign=sign,
         bins=None if bins is None else int(bins),
     )
 
@@ -382,6 +388,6 @@ def signed_ks_random(
     index = np.searchsorted(classes, rows).astype(np.int32)
     out = np.empty((index.shape[0], n_features, classes.size), dtype=np.float64)
     denom = (n_in * (n - n_in)).astype(np.float64)
-    for f0, f1, g1, g2, _, _ in _run(features, index, n_in, bins, chunk_size, progress, False):
+    for f0, f1, g1, g2, _, _ in _run(features, index, n_in, bins, chunk_size, progress):
         out[:, f0:f1] = np.where(g1 >= -g2, g1 / denom, g2 / denom)
     return out
