@@ -349,14 +349,15 @@ def test_numba_cache_is_used_in_a_fresh_process():
     assert "get_num_threads" not in Path(_kernels.__file__).read_text().replace("``numba.get_num_threads()``", "")
     code = (
         "import numpy as np\n"
-        "from featstudy.stats import signed_ks, _kernels as K\n"
+        "from featstudy.stats import signed_ks, signed_ks_random, _kernels as K\n"
         "x = np.random.default_rng(0).normal(size=(30, 3))\n"
         "for dt in (np.float32, np.float64):\n"
         "    for b in (None, 10):\n"
         "        signed_ks(x.astype(dt), np.arange(30) % 3, bins=b)\n"
         "    signed_ks(x.astype(dt), np.arange(30) % 3, bins=10_000)\n"  # the sort kernel
+        "    signed_ks_random(x.astype(dt), np.arange(30) % 3, permutations=2)\n"
         "miss = {k.__name__: dict(k.stats.cache_misses) for k in (K.exact_f32, K.exact_f64, K.binned, "
-        "K.binned_table, K.finish_signed)}\n"
+        "K.binned_table, K.finish_signed, K.finish_random)}\n"
         "print(miss)\n"
         "raise SystemExit(1 if any(miss.values()) else 0)\n"
     )

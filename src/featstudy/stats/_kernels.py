@@ -622,3 +622,15 @@ def finish_signed(gmax, gmin, locp, locm, n_in, n, d, d_plus, d_minus, location,
                 d[f, c] = -dm
                 location[f, c] = lm
                 sign[f, c] = -1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def finish_random(gmax, gmin, n_in, n, d):
+    """D of every (permutation, feature, class) from the extrema (K, fc, C), as :func:`finish_signed` does."""
+    for f in prange(gmax.shape[1]):
+        for k in range(gmax.shape[0]):
+            for c in range(gmax.shape[2]):
+                denom = np.float64(n_in[c] * (n - n_in[c]))
+                g1 = gmax[k, f, c]
+                g2 = gmin[k, f, c]
+                d[k, f, c] = np.float64(g1) / denom if g1 >= -g2 else np.float64(g2) / denom

@@ -387,7 +387,6 @@ def signed_ks_random(
     rows = permuted_labels(labels, permutations=permutations, seed=seed)
     index = np.searchsorted(classes, rows).astype(np.int32)
     out = np.empty((index.shape[0], n_features, classes.size), dtype=np.float64)
-    denom = (n_in * (n - n_in)).astype(np.float64)
     for f0, f1, g1, g2, _, _ in _run(features, index, n_in, bins, chunk_size, progress):
-        out[:, f0:f1] = np.where(g1 >= -g2, g1 / denom, g2 / denom)
+        _kernels.finish_random(g1, g2, n_in, n, out[:, f0:f1])
     return out
