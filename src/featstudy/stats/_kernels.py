@@ -110,10 +110,11 @@ def _group_columns(block, grp):
 
 
 @njit(cache=True, inline="always")
-def _class_scratch(c_count, n):
-    """Scratch of :func:`_emit`: per class the extrema (g1, g2), their sorted positions (i1, i2) and counts; per
-    sorted position the class (slab)."""
-    return (np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
+def _sort_scratch(c_count, n):
+    """Scratch of the sort-based kernels: per sorted position the image (sidx), its run [rs, re) and its class
+    (slab); per class the extrema (g1, g2), their sorted positions (i1, i2) and counts (:func:`_emit`)."""
+    return (np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32),
+            np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
             np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(n, dtype=np.int32))
 
 
@@ -299,11 +300,8 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
         packed = np.empty(n, dtype=np.uint64)
         tmp = np.empty(n, dtype=np.uint64)
         zidx = np.empty(n, dtype=np.int32)
-        sidx = np.empty(n, dtype=np.int32)
-        rs = np.empty(n, dtype=np.int32)
-        re = np.empty(n, dtype=np.int32)
         hist = np.empty((3, 2048), dtype=np.int64)
-        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
+        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
         for j in range(gw):
             bits = col[j].view(np.uint32)
             nonfinite = False
@@ -365,10 +363,7 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         skey = np.empty(n, dtype=np.float64)
-        sidx = np.empty(n, dtype=np.int32)
-        rs = np.empty(n, dtype=np.int32)
-        re = np.empty(n, dtype=np.int32)
-        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
+        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
             nonfinite = False
@@ -462,14 +457,11 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         bins = np.empty(n, dtype=np.int32)
-        sidx = np.empty(n, dtype=np.int32)
-        rs = np.empty(n, dtype=np.int32)
-        re = np.empty(n, dtype=np.int32)
         loc_of = np.empty(n, dtype=np.float64)
         hist = np.empty(nbins, dtype=np.int64)
         bstart = np.empty(nbins, dtype=np.int64)
         edges = np.empty(nbins, dtype=np.float64)
-        g1, g2, i1, i2, acount, slab = _class_scratch(c_count, n)
+        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
             lo, hi, finite = _value_range(x)
