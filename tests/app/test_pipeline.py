@@ -46,15 +46,22 @@ def artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
+def run_sweep(helpers, root, image_folder, *overrides: str) -> int:
+    """``python -m featstudy -m`` on the tiny image folder with ``overrides``; its exit code."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRA_FULL_ERROR", "0")
+        return helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), *overrides], mp)
+
+
+LIGHT = ("~analysis.callbacks.figures", "~analysis.callbacks.null")
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, image_folder, helpers):
     """``-m analysis.bins=25,null`` (binned and exact) on a fresh cache and a fresh SQLite file."""
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "analysis.bins=25,null"], mp)
-    return root, uri, rc
+    return root, uri, run_sweep(helpers, root, image_folder, "analysis.bins=25,null")
 
 
 def test_sweep_has_one_parent_and_a_child_per_job(sweep):
@@ -114,10 +121,7 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
 
 def test_layer_subsets_reuse_the_cache(sweep, image_folder, helpers):
     root, uri, _ = sweep
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "~analysis.callbacks.figures",
-                              "~analysis.callbacks.null", "analysis.layers=[conv1_1,conv1_2],[conv5_4,fc7]"], mp)
+    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[conv1_1,conv1_2],[conv5_4,fc7]")
     assert rc == 0
     runs = [r for r in all_runs(uri) if r.data.params.get("analysis.layers", "null") != "null"]
     assert len(runs) == 2
@@ -129,10 +133,7 @@ def test_layer_subsets_reuse_the_cache(sweep, image_folder, helpers):
 def test_a_failing_job_is_failed_and_so_is_its_sweep(sweep, image_folder, helpers, capsys):
     root, uri, _ = sweep
     before = {r.info.run_id for r in all_runs(uri)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "~analysis.callbacks.figures",
-                              "~analysis.callbacks.null", "analysis.layers=[fc7],[nope]"], mp)
+    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[fc7],[nope]")
     assert rc == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("featstudy: error")]
     assert len(err) == 1 and "analysis.layers" in err[0] and "nope" in err[0]
@@ -167,11 +168,7 @@ def test_a_signal_marks_the_run_killed(sig, sweep, image_folder, helpers, monkey
 def test_resume_skips_finished_jobs_and_reruns_failed_ones(sweep, image_folder, helpers, capsys):
     root, uri, _ = sweep
     before = {r.info.run_id for r in all_runs(uri)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), "~analysis.callbacks.figures",
-                              "~analysis.callbacks.null", "analysis.layers=[fc7],[conv1_1]",
-                              "tracking.resume=true"], mp)
+    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[fc7],[conv1_1]", "tracking.resume=true")
     assert rc == 0
     out = capsys.readouterr()
     new = [r for r in all_runs(uri) if r.info.run_id not in before]
