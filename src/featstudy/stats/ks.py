@@ -132,6 +132,8 @@ def _check_integers(features: np.ndarray, block: np.ndarray, f0: int) -> None:
         wide = (src > limit).any(axis=0)
         if features.dtype.kind == "i":
             wide |= (src < -limit).any(axis=0)
+        if isinstance(features, np.memmap):
+            _release_pages(features)
         wide = np.flatnonzero(wide)
         if wide.size:
             cols = (wide + f0)[:5].tolist()
