@@ -366,11 +366,7 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
         sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
-            nonfinite = False
-            for i in range(n):
-                if not np.isfinite(x[i]):
-                    nonfinite = True
-            if nonfinite:
+            if not _value_range(x)[2]:
                 bad[j0 + j] = True
                 continue
             order = np.argsort(x, kind="mergesort")
@@ -383,17 +379,13 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
                       x)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def bin_index(x, lo, hi, nbins):
     """bin = clip(floor((x − min)/(max − min)·B), 0, B−1), evaluated in float64 in exactly this order."""
     lo = np.float64(lo)
     hi = np.float64(hi)
     b = np.floor(((np.float64(x) - lo) / (hi - lo)) * nbins)
-    if b < 0.0:
-        return 0
-    if b > nbins - 1:
-        return nbins - 1
-    return np.int64(b)
+    return np.int64(min(max(b, 0.0), np.float64(nbins - 1)))  # branch-free: :func:`_bin_indices` vectorises it
 
 
 @njit(cache=True)
@@ -425,12 +417,9 @@ def _value_range(x):
 
 @njit(cache=True)
 def _bin_indices(x, lo, hi, nbins, out):
-    """out[i] = bin_index(x[i], lo, hi, nbins) for a whole feature (float64 lo, hi; branch-free, vectorised)."""
-    span = hi - lo
-    top = np.float64(nbins - 1)
+    """out[i] = bin_index(x[i], lo, hi, nbins) for a whole feature (float64 lo, hi)."""
     for i in range(x.size):
-        b = np.floor(((np.float64(x[i]) - lo) / span) * nbins)
-        out[i] = np.int32(min(max(b, 0.0), top))
+        out[i] = np.int32(bin_index(x[i], lo, hi, nbins))
 
 
 @njit(cache=True)
