@@ -9,9 +9,9 @@ two samples are cut out before the clock starts) over random (feature, class) pa
 per pair to all F·C pairs. Ours: ``signed_ks`` with 100 bins and exact (``bins=None``) on the full problem, after
 a warm-up that loads the numba cache. ``--repeats`` rounds each time a scipy batch and one run of each of ours,
 back to back, and the best round of each is reported: the machine is shared and its speed drifts, so the ratio
-compares the two in the same machine state. Memory: peak of
-numpy allocations (tracemalloc) and of the resident set above its level before the call (the kernel's
-high-water mark VmHWM, reset before the call), i.e. the *extra* memory of the call.
+compares the two in the same machine state. Memory: peak of numpy allocations (tracemalloc) and of the resident
+set above its level before the call (the kernel's high-water mark VmHWM, reset before the call), i.e. the
+*extra* memory of the call.
 """
 
 from __future__ import annotations
@@ -193,9 +193,7 @@ def main(argv=None):
             feats = np.load(path, mmap_mode="r")
             print(f"\nmemmap: N={args.memmap_n} F={args.features} ({path.stat().st_size / MB:,.0f} MB on disk)")
             for name, bins in (("binned (100 bins)", 100), ("exact", None)):
-                t0 = time.perf_counter()
-                _, mem = peak_memory(lambda b=bins: signed_ks(feats, mlabels, bins=b))
-                dt = time.perf_counter() - t0
+                dt, (_, mem) = wall(lambda b=bins: peak_memory(lambda: signed_ks(feats, mlabels, bins=b)))
                 print(f"  {name:<18} {dt:8.1f} s   numpy peak {mem.traced / MB:6.0f} MB   RSS +{mem.rss / MB:6.0f} MB")
             del feats
 

@@ -366,7 +366,11 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
         sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
-            if not _value_range(x)[2]:
+            nonfinite = False  # not _value_range: exact statistics take ranges whose max − min overflows
+            for i in range(n):
+                if not np.isfinite(x[i]):
+                    nonfinite = True
+            if nonfinite:
                 bad[j0 + j] = True
                 continue
             order = np.argsort(x, kind="mergesort")
