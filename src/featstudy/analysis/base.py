@@ -6,6 +6,7 @@ thresholds), so a callback can be dropped (``~analysis.callbacks.ks``) without b
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from collections.abc import Mapping
@@ -44,6 +45,19 @@ class CallbackResult:
     files: list[Path] = field(default_factory=list)
     tables: dict[str, dict[str, list]] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
+
+
+def write_table(result: CallbackResult, path: Path, header: list[str], rows: list[list]) -> Path:
+    """Write ``rows`` under ``header`` as CSV at ``path`` (floats with 6 significant digits) and add the same table,
+    full precision, to ``result`` as ``tables/<stem>.json`` (MLflow's table API) and to its files."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for row in rows:
+            w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    result.files.append(path)
+    result.tables[f"{path.parent.name}/{path.stem}.json"] = {h: [row[i] for row in rows] for i, h in enumerate(header)}
+    return path
 
 
 class AnalysisContext:

@@ -15,30 +15,18 @@ Metrics
 Curves (metric steps, so the MLflow UI overlays them across runs): ``d_avg_plus`` and ``d_avg_minus`` at
 ``step = round(1000 * x)``, i.e. x in thousandths of D.
 
-Files: ``tables/table4.csv``, ``tables/table3.csv``, ``tables/irrelevant_by_layer.csv``, ``tables/d_avg.csv``.
+Files: ``tables/table4.csv``, ``tables/table3.csv``, ``tables/irrelevant_by_layer.csv``, ``tables/d_avg.csv``; each
+table also goes to MLflow's table API as ``tables/<name>.json`` (same columns, full precision).
 """
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 
-from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult
+from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult, write_table
 
 TABLE4_HEADER = ["dataset", "t_plus", "d_avg_t_plus", "t_minus", "d_avg_t_minus", "n_classes", "n_features",
                  "permutations", "bins"]
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    """A small CSV writer (floats with 6 significant digits)."""
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for row in rows:
-            w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-    return path
 
 
 def table3_rows(feature_names_layers: list[str], analysed: set[str]) -> list[list]:
@@ -89,9 +77,7 @@ class ThresholdsCallback(AnalysisCallback):
         metrics["n_irrelevant_features_t_plus_only"] = float(np.sum(stats.irrelevant_features(ks.d, t_plus, -1.0)))
         metrics["n_irrelevant_features_t_minus_only"] = float(np.sum(stats.irrelevant_features(ks.d, 1.0, t_minus)))
         kept = stats.kept_fraction_by_layer(ks.d, t_plus, t_minus, layer_of)
-        k, f, c = d_random.shape
-        d_random_fc = np.transpose(d_random, (1, 0, 2)).reshape(f, k * c)
-        kept_random = stats.kept_fraction_by_layer(d_random_fc, t_plus, t_minus, layer_of)
+        kept_random = stats.kept_fraction_by_layer(d_random, t_plus, t_minus, layer_of)  # over all K x F x C
         rows = []
         for layer in ctx.layers:
             in_layer = layer_of == layer
@@ -105,30 +91,21 @@ class ThresholdsCallback(AnalysisCallback):
         metrics["kept_fraction"] = float(kept_all.mean())
         metrics["kept_fraction_random"] = float(kept_all_random.mean())
 
-        files = [
-            write_csv(ctx.path("tables/table4.csv"), TABLE4_HEADER, [[
-                ctx.dataset, t_plus, float(th.d_avg_t_plus), t_minus, float(th.d_avg_t_minus), len(ks.classes),
-                int(ks.d.shape[0]), int(ctx.analysis.get("permutations", 1)),
-                "exact" if ctx.analysis.get("bins") is None else int(ctx.analysis["bins"])]]),
-            write_csv(ctx.path("tables/table3.csv"), ["layer", "n_features", "analysed"],
-                      table3_rows([n.rsplit(":", 1)[0] for n in ctx.embedding.feature_names], set(ctx.layers))),
-            write_csv(ctx.path("tables/irrelevant_by_layer.csv"),
-                      ["layer", "n_features", "n_irrelevant", "kept_fraction", "kept_fraction_random"], rows),
-        ]
         grid = np.asarray(th.grid, dtype=float)
-        steps = np.rint(grid * 1000).astype(np.int64)
-        files.append(write_csv(ctx.path("tables/d_avg.csv"), ["x", "d_avg_plus", "d_avg_minus"],
-                               [[float(x), float(p), float(m)]
-                                for x, p, m in zip(grid, th.d_avg_plus, th.d_avg_minus)]))
-        series = {"d_avg_plus": (steps, np.asarray(th.d_avg_plus, float)),
-                  "d_avg_minus": (steps, np.asarray(th.d_avg_minus, float))}
-        tables = {
-            "tables/table4.json": {"dataset": [ctx.dataset], "t_plus": [t_plus], "d_avg_t_plus": [float(th.d_avg_t_plus)],
-                                   "t_minus": [t_minus], "d_avg_t_minus": [float(th.d_avg_t_minus)]},
-            "tables/irrelevant_by_layer.json": {
-                "layer": [r[0] for r in rows], "n_features": [r[1] for r in rows], "n_irrelevant": [r[2] for r in rows],
-                "kept_fraction": [r[3] for r in rows], "kept_fraction_random": [r[4] for r in rows]},
-        }
-        return CallbackResult(metrics=metrics, series=series, files=files, tables=tables,
-                              objects={"thresholds": th, "irrelevant": irrelevant, "kept": kept,
-                                       "kept_random": kept_random})
+        steps = np.rint(grid * 1000).astype(np.int64)  # x in thousandths of D
+        result = CallbackResult(
+            metrics=metrics,
+            series={"d_avg_plus": (steps, np.asarray(th.d_avg_plus, float)),
+                    "d_avg_minus": (steps, np.asarray(th.d_avg_minus, float))},
+            objects={"thresholds": th, "irrelevant": irrelevant, "kept": kept, "kept_random": kept_random})
+        bins = ctx.analysis.get("bins")
+        write_table(result, ctx.path("tables/table4.csv"), TABLE4_HEADER, [[
+            ctx.dataset, t_plus, float(th.d_avg_t_plus), t_minus, float(th.d_avg_t_minus), len(ks.classes),
+            int(ks.d.shape[0]), int(ctx.analysis.get("permutations", 1)), "exact" if bins is None else int(bins)]])
+        write_table(result, ctx.path("tables/table3.csv"), ["layer", "n_features", "analysed"],
+                    table3_rows([n.rsplit(":", 1)[0] for n in ctx.embedding.feature_names], set(ctx.layers)))
+        write_table(result, ctx.path("tables/irrelevant_by_layer.csv"),
+                    ["layer", "n_features", "n_irrelevant", "kept_fraction", "kept_fraction_random"], rows)
+        write_table(result, ctx.path("tables/d_avg.csv"), ["x", "d_avg_plus", "d_avg_minus"],
+                    [[float(x), float(p), float(m)] for x, p, m in zip(grid, th.d_avg_plus, th.d_avg_minus)])
+        return result

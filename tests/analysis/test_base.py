@@ -1,0 +1,91 @@
+"""The analysis context (layer subsets, statistics computed once) and the callback instantiation from config."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+import oracle
+from featstudy.analysis import CallbackResult, instantiate_callbacks
+from featstudy.analysis.base import write_table
+from featstudy.analysis.ks import KSCallback
+from featstudy.analysis.null import NullCallback
+from featstudy.analysis.thresholds import ThresholdsCallback
+from featstudy.errors import ConfigError
+
+
+def test_layer_subset_selects_the_columns_in_order(tiny):
+    ctx = tiny.context(layers=["fc7", "conv1_1"])  # the config's order does not matter: column order is kept
+    assert ctx.columns.tolist() == [0, 1, 2, 5, 6, 7]
+    assert ctx.feature_names == ["conv1_1:0", "conv1_1:1", "conv1_1:2", "fc7:0", "fc7:1", "fc7:2"]
+    assert ctx.layers == ["conv1_1", "fc7"]
+    assert ctx.layer_of_feature.tolist() == ["conv1_1"] * 3 + ["fc7"] * 3
+    np.testing.assert_array_equal(ctx.features, tiny.features[:, [0, 1, 2, 5, 6, 7]])
+    np.testing.assert_array_equal(ctx.ks().d, oracle.signed_d(tiny.features[:, [0, 1, 2, 5, 6, 7]], tiny.labels, 3)[0])
+    assert ctx.classes == ["a", "b", "c"] and ctx.labels.tolist() == tiny.labels.tolist()
+
+
+def test_all_layers_read_the_memory_map_itself(tiny):
+    ctx = tiny.context()
+    assert isinstance(ctx.features, np.memmap)
+    assert ctx.layers == tiny.layers and ctx.feature_names == tiny.feature_names
+
+
+def test_unknown_layer_is_one_error_naming_the_key(tiny):
+    with pytest.raises(Exception, match=r"analysis\.layers: unknown layer\(s\) \['nope'\]"):
+        tiny.context(layers=["nope"])
+
+
+def test_statistics_are_computed_once_for_all_callbacks(tiny, monkeypatch):
+    from featstudy import stats
+
+    calls = {"signed_ks": 0, "signed_ks_random": 0}
+    for name in calls:
+        real = getattr(stats, name)
+
+        def counting(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(stats, name, counting)
+    ctx = tiny.context(permutations=2, seed=1)
+    for cb in (KSCallback(), ThresholdsCallback(), NullCallback()):
+        cb.run(ctx)
+    assert calls == {"signed_ks": 1, "signed_ks_random": 1}
+    assert ctx.seconds("ks") is not None and ctx.seconds("ks_random") is not None
+    np.testing.assert_array_equal(ctx.d_random(), oracle.d_random(tiny.features, tiny.labels, 3, 2, 1))
+
+
+def test_write_table_csv_rounds_json_keeps_full_precision(tmp_path):
+    result = CallbackResult()
+    path = write_table(result, tmp_path / "t.csv", ["name", "share", "n"], [["x", 1 / 3, 4], ["y", 0.5, 0]])
+    with open(path, newline="") as fh:
+        assert list(csv.reader(fh)) == [["name", "share", "n"], ["x", "0.333333", "4"], ["y", "0.5", "0"]]
+    assert result.files == [path]
+    assert result.tables == {f"{tmp_path.name}/t.json": {"name": ["x", "y"], "share": [1 / 3, 0.5], "n": [4, 0]}}
+
+
+def test_instantiate_callbacks_in_order_skipping_entries_without_target():
+    out = instantiate_callbacks({
+        "ks": {"_target_": "featstudy.analysis.ks.KSCallback"},
+        "note": {"step": 1},
+        "thresholds": {"_target_": "featstudy.analysis.thresholds.ThresholdsCallback", "step": 0.01},
+    })
+    assert [name for name, _ in out] == ["ks", "thresholds"]
+    assert isinstance(out[0][1], KSCallback) and isinstance(out[1][1], ThresholdsCallback)
+    assert out[1][1].step == 0.01 and out[1][1].name == "thresholds"
+    assert instantiate_callbacks(None) == [] and instantiate_callbacks({}) == []
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"_target_": "featstudy.analysis.nope.Nope"}, r"analysis\.callbacks\.bad: cannot instantiate"),
+    ({"_target_": "collections.OrderedDict"}, r"analysis\.callbacks\.bad: collections\.OrderedDict is not an "
+                                              r"AnalysisCallback"),
+    ({"_target_": "featstudy.analysis.null.NullCallback", "q": 2}, r"analysis\.callbacks\.bad: cannot instantiate"),
+])
+def test_bad_callback_blocks_are_one_config_error(block, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        instantiate_callbacks({"bad": block})
+    assert "\n" not in str(info.value)
