@@ -182,7 +182,8 @@ def write_embedding(
 ) -> Path:
     """Write a whole embedding folder atomically file by file, the DONE marker last.
 
-    Used by extraction's final merge and by tests that need an embedding without a forward pass.
+    For tests and tools that need an embedding without a forward pass; extraction writes the same files itself,
+    merging its shards (:mod:`featstudy.extraction.shards`) with the same atomic helpers, DONE last.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

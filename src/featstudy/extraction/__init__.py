@@ -100,7 +100,7 @@ def writing_cache(cache: Path) -> Iterator[None]:
 
 
 def plan(cfg) -> Plan:
-    """Validate ``cfg`` and compute the key without running the network (also used by ``--dry-run`` style tools)."""
+    """Validate ``cfg`` and compute the key without running the network."""
     from featstudy import datasets, models, pooling
     from featstudy.transforms import crop_spec
 

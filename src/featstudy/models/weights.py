@@ -6,7 +6,7 @@
   torchvision would download, looked up in ``$TORCH_HOME/hub/checkpoints/`` (``torch.hub.get_dir()``). A file already
   there is used offline after checking the hash prefix in its name; an absent file is downloaded with torchvision's
   hash check; absent and no network -> :class:`~featstudy.errors.DataError` naming the file and where to put it.
-* a local ``.pth``/``.pt``/``.safetensors`` state_dict: read with ``torch.load(weights_only=True)`` (or safetensors),
+* a local ``.pth``/``.pt``/``.bin``/``.safetensors`` state_dict: read with ``torch.load(weights_only=True)`` (or safetensors),
   loaded strictly (a missing or unexpected key, or a wrong shape, is an error naming the key); its sha256 is recorded.
 * ``random``: the builder's own initialisation under ``torch.manual_seed(model.seed)``; only when asked, and tagged
   ``random`` wherever results appear.
