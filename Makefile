@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean help tracking-server tracking-server-stop bench-tracking
+.PHONY: venv demo test test-fast bench clean help tracking-server tracking-server-stop bench-tracking mutation
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -26,6 +26,12 @@ test: $(STAMP)  ## the full test suite (CPU only, < 15 min on 2 cores)
 test-fast: $(STAMP)  ## the suite without slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
+mutation: $(STAMP)  ## mutation testing of the analysis layer and the report (mutmut, ~1 h on 2 cores; docs/testing.md)
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results
+
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
 	$(PY) bench/ks.py
 	$(PY) bench/extract.py
@@ -40,4 +46,4 @@ bench-tracking: $(STAMP)  ## 50 concurrent runs against the local tracking serve
 	$(PY) bench/tracking_load.py --uri http://127.0.0.1:5055 --runs 50
 
 clean:  ## remove build artefacts (keeps .venv, mlruns/ and outputs/)
-	rm -rf build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf build dist src/*.egg-info .pytest_cache .hypothesis mutants

@@ -76,12 +76,14 @@ class FiguresCallback(AnalysisCallback):
         self.step = float(step)
 
     def _save(self, ctx: AnalysisContext, fig, name: str) -> list[Path]:
+        self._drawn[name] = fig
         return plots.save_figure(fig, ctx.output_dir / "figures", name, self.formats, self.dpi)
 
     def run(self, ctx: AnalysisContext) -> CallbackResult:
         ks = ctx.ks()
         d = np.asarray(ks.d)
         files: list[Path] = []
+        self._drawn: dict = {}
         title = f"{ctx.dataset}"
         if "fig1" in self.which:
             f, c = self._fig1_pair(ctx, d)
@@ -123,7 +125,7 @@ class FiguresCallback(AnalysisCallback):
                                                            th.t_plus, th.t_minus, ctx.layer_of_feature)
                 files += self._save(ctx, plots.fig10_kept(ctx.layers, kept, kept_random,
                                                           f"{title}: pairs kept by t+ / t-"), "fig10")
-        return CallbackResult(files=files)
+        return CallbackResult(files=files, objects={"figures": self._drawn})
 
     def _fig1_pair(self, ctx: AnalysisContext, d: np.ndarray) -> tuple[int, int]:
         if self.fig1_feature is None and self.fig1_class is None:

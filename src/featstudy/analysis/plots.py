@@ -21,7 +21,8 @@ DATASET_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pin
 
 def save_figure(fig: Figure, folder: Path, name: str, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 120) -> list[Path]:
-    """Write ``folder/name.<fmt>`` for each format and release the figure; return the paths."""
+    """Write ``folder/name.<fmt>`` for each format; return the paths. The figure stays intact (its data can be
+    read back); it is freed with its last reference (no pyplot, so nothing else holds it)."""
     folder.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     paths = []
@@ -29,7 +30,6 @@ def save_figure(fig: Figure, folder: Path, name: str, formats: Sequence[str] = (
         path = folder / f"{name}.{fmt}"
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
         paths.append(path)
-    fig.clear()
     return paths
 
 
@@ -141,7 +141,9 @@ def fig5_modes(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], layers:
                 stats.append(mode_interval(vals, lo, hi))
             m = np.array([s[0] for s in stats])
             err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
-            ax.errorbar(x + (k - (len(per_dataset) - 1) / 2) * width, m, yerr=np.abs(err), fmt="o", ms=3,
+            # the mode is a bin centre and may lie just outside [low, high]: the bar then ends at the mode
+            # (clipped at 0, never reflected to the other side of it, which would show values never seen)
+            ax.errorbar(x + (k - (len(per_dataset) - 1) / 2) * width, m, yerr=np.maximum(err, 0.0), fmt="o", ms=3,
                         capsize=2, color=color, label=name if sign > 0 else None)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xticks(x)
@@ -157,7 +159,7 @@ def fig6_distributions(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]],
                        colors: Mapping[str, str] | None = None, title: str = "", bins: int = 100) -> Figure:
     """Figures 6/8: distribution of D (% of the group's (feature, class) pairs), low vs high layers."""
     low, high = split_low_high(layers)
-    groups = [(g, names) for g, names in ((f"{low[0]}-{low[-1]}" if low else "", low),
+    groups = [(g, names) for g, names in (("-".join(dict.fromkeys([low[0], low[-1]])) if low else "", low),
                                           ("+".join(high), high)) if names]
     fig = Figure(figsize=(5.5 * len(groups), 4))
     edges = np.linspace(-1, 1, bins + 1)
