@@ -29,9 +29,37 @@ from pathlib import Path
 import numpy as np
 
 from featstudy import __version__
+from featstudy.analysis.ks import load_ks_arrays
 from featstudy.errors import EXIT_USAGE, FeatstudyError
 
 IMAGENET = "imagenet_val"
+
+
+class ReportFiles(list):
+    """What :func:`build_report` wrote: a list of the files (as before), with ``figures`` (``fig5``, ``fig6`` and,
+    when drawn, ``fig8`` -> the :class:`matplotlib.figure.Figure`, still intact after saving)."""
+
+    def __init__(self, files=(), figures=None):
+        super().__init__(files)
+        self.figures = dict(figures or {})
+
+
+def _layer_order(per_run: list[list[str]]) -> list[str]:
+    """The union of the runs' layers in network order: each run lists its layers in column order, so the longest
+    list sets the order and a layer only some runs have goes after its predecessor there (before its successor
+    when it comes first). A run that analysed only some layers (e.g. conv5_4 and fc7) thus does not reorder the
+    x axis of fig5."""
+    merged: list[str] = []
+    for names in sorted(per_run, key=len, reverse=True):
+        for i, name in enumerate(names):
+            if name in merged:
+                continue
+            if i > 0:
+                merged.insert(merged.index(names[i - 1]) + 1, name)
+            else:
+                after = [merged.index(n) for n in names[1:] if n in merged]
+                merged.insert(after[0] if after else len(merged), name)
+    return merged
 
 
 def _default_root() -> Path:
@@ -56,46 +84,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_report(runs: list[dict], arrays: dict[str, dict], table4_rows: dict[str, list[dict]], out: Path,
-                 formats: list[str]) -> list[Path]:
-    """Write fig5, fig6, fig8 (when ImageNet is present) and table4.csv under ``out``; return the files."""
+                 formats: list[str]) -> ReportFiles:
+    """Write fig5, fig6, fig8 (when ImageNet is present) and table4.csv under ``out``; return the files (a list,
+    whose ``figures`` attribute holds the Figure objects)."""
     from featstudy.analysis import plots
 
     per_dataset = {}
-    layers: list[str] = []
-    for run in runs:
+    imagenet: set[str] = set()
+    per_run_layers: list[list[str]] = []
+    for run, name in zip(runs, _display_names(runs)):
         a = arrays[run["run_id"]]
-        name = run["dataset"]
-        if name in per_dataset:
-            name = f"{name} ({run['run_id'][:8]})"
+        if run["dataset"] == IMAGENET:
+            imagenet.add(name)
         per_dataset[name] = (a["d"], a["layer_of_feature"].astype(str))
-        for layer in dict.fromkeys(a["layer_of_feature"].astype(str).tolist()):
-            if layer not in layers:
-                layers.append(layer)
-    files: list[Path] = []
-    others = {k: v for k, v in per_dataset.items() if not k.startswith(IMAGENET)}
-    files += plots.save_figure(plots.fig5_modes(others or per_dataset, layers), out / "figures", "fig5", formats)
-    files += plots.save_figure(plots.fig6_distributions(others or per_dataset, layers, title="D distribution"),
-                               out / "figures", "fig6", formats)
-    if any(k.startswith(IMAGENET) for k in per_dataset) and others:
-        colors = {k: ("tab:blue" if k.startswith(IMAGENET) else "tab:green") for k in per_dataset}
-        files += plots.save_figure(plots.fig6_distributions(per_dataset, layers, colors=colors,
-                                                            title="ImageNet (blue) against the other datasets (green)"),
-                                   out / "figures", "fig8", formats)
+        per_run_layers.append(list(dict.fromkeys(a["layer_of_feature"].astype(str).tolist())))
+    layers = _layer_order(per_run_layers)
+    files = ReportFiles()
+    others = {k: v for k, v in per_dataset.items() if k not in imagenet}
+    files.figures["fig5"] = plots.fig5_modes(others or per_dataset, layers)
+    files.figures["fig6"] = plots.fig6_distributions(others or per_dataset, layers, title="D distribution")
+    if imagenet and others:
+        colors = {k: ("tab:blue" if k in imagenet else "tab:green") for k in per_dataset}
+        files.figures["fig8"] = plots.fig6_distributions(per_dataset, layers, colors=colors,
+                                                         title="ImageNet (blue) against the other datasets (green)")
+    for name, fig in files.figures.items():
+        files += plots.save_figure(fig, out / "figures", name, formats)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table = out / "tables" / "table4.csv"
     header: list[str] = []
     rows = []
     for run in runs:
-        for row in table4_rows.get(run["run_id"], []):
+        # a run without table4.csv (thresholds callback dropped) still gets its row, thresholds left empty
+        for row in table4_rows.get(run["run_id"]) or [{"dataset": run["dataset"]}]:
             row = {**row, "run_id": run["run_id"]}
-            header = header or list(row)
+            header += [k for k in row if k not in header]  # runs may differ in columns: the union, in order
             rows.append(row)
+    header = [k for k in header if k != "run_id"] + ["run_id"]
     with open(table, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=header or ["dataset", "run_id"])
+        w = csv.DictWriter(fh, fieldnames=header or ["dataset", "run_id"], restval="")
         w.writeheader()
         w.writerows(rows)
     files.append(table)
     return files
+
+
+def _display_names(runs: list[dict]) -> list[str]:
+    """One name per run: its dataset, with the run id's first 8 characters when a dataset comes again."""
+    names: list[str] = []
+    for run in runs:
+        name = run["dataset"]
+        if name in names:
+            name = f"{name} ({run['run_id'][:8]})"
+        names.append(name)
+    return names
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
-        runs = tracking.find_job_runs(args.tracking_uri, args.experiment, run_ids=args.runs, datasets=args.datasets)
+        try:
+            runs = tracking.find_job_runs(args.tracking_uri, args.experiment, run_ids=args.runs,
+                                          datasets=args.datasets)
+        except FeatstudyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an unknown run id in --runs
+            raise FeatstudyError(f"{'--runs' if args.runs else '--tracking-uri'}: {_first_line(exc)}") from exc
         if not runs:
             raise FeatstudyError(f"no runs to compare in experiment {args.experiment!r} of {args.tracking_uri}")
         out = Path(args.out).absolute() if args.out else (
@@ -117,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                     npz = tracking.download_artifact(args.tracking_uri, run["run_id"], "arrays/ks.npz", dst)
                 except Exception as exc:  # noqa: BLE001 - a run without the artifact is a user error here
                     raise FeatstudyError(f"run {run['run_id']} ({run['dataset']}) has no arrays/ks.npz artifact "
-                                         f"(was analysis.callbacks.ks dropped?): {str(exc).splitlines()[0]}") from exc
-                with np.load(npz, allow_pickle=False) as z:
-                    arrays[run["run_id"]] = {k: z[k] for k in ("d", "layer_of_feature")}
+                                         f"(was analysis.callbacks.ks dropped?): {_first_line(exc)}") from exc
+                try:
+                    arrays[run["run_id"]] = load_ks_arrays(npz, keys=("d", "layer_of_feature"))
+                except KeyError as exc:
+                    raise FeatstudyError(f"run {run['run_id']} ({run['dataset']}): arrays/ks.npz lacks "
+                                         f"{exc.args[0]}") from exc
                 try:
                     t4 = tracking.download_artifact(args.tracking_uri, run["run_id"], "tables/table4.csv", dst)
                     with open(t4, newline="", encoding="utf-8") as fh:
@@ -128,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     tables[run["run_id"]] = []
         files = build_report(runs, arrays, tables, out, args.formats)
     except FeatstudyError as exc:
-        print(f"featstudy.report: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"featstudy.report: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[featstudy.report] {len(runs)} runs ({', '.join(r['dataset'] for r in runs)}) -> {out}")
     if not args.no_log:
@@ -142,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                   "featstudy.output_dir": str(out)})
         status = "FAILED"
         try:
-            tracker.log_params({f"run.{r['dataset']}": r["run_id"] for r in runs})
+            # one param per run, also when a dataset comes twice (the run id's prefix tells them apart)
+            tracker.log_params({f"run.{name.replace(' (', '.').rstrip(')')}": r["run_id"]
+                                for r, name in zip(runs, _display_names(runs))})
             for f in files:
                 rel = f.relative_to(out)
                 tracker.log_artifact(f, str(rel.parent))

@@ -56,6 +56,11 @@ def test_every_field_of_ks_npz(tiny):
     assert int(z["bins"]) == -1 and int(z["permutations"]) == 2 and int(z["seed"]) == 3
     assert str(z["dataset"]) == "tiny"
     assert load_ks_arrays(str(path)).keys() == z.keys()
+    some = load_ks_arrays(path, keys=("d", "classes"))
+    assert list(some) == ["d", "classes"] and some["classes"].tolist() == ["a", "b", "c"]
+    with pytest.raises(KeyError) as info:
+        load_ks_arrays(path, keys=("d", "nope", "d_random", "also_not"))
+    assert info.value.args[0] == ["nope", "also_not"]
 
 
 def test_metrics_names_and_values(tiny):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 
 from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult
@@ -55,7 +58,14 @@ class KSCallback(AnalysisCallback):
         return CallbackResult(metrics=metrics, files=[path], objects={"ks": ks, "d_random": d_random})
 
 
-def load_ks_arrays(path: str) -> dict[str, np.ndarray]:
-    """Read an ``arrays/ks.npz`` artifact back (used by :mod:`featstudy.report`)."""
+def load_ks_arrays(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read an ``arrays/ks.npz`` artifact back (all its arrays, or only ``keys``; used by :mod:`featstudy.report`).
+
+    Raises ``KeyError(missing)``, the list of missing names, when ``keys`` asks for arrays the file does not hold.
+    """
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        wanted = list(z.files) if keys is None else list(keys)
+        missing = [k for k in wanted if k not in z.files]
+        if missing:
+            raise KeyError(missing)
+        return {k: z[k] for k in wanted}
