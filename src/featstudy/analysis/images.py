@@ -75,7 +75,8 @@ def dataset_name(meta: dict) -> str | None:
 
 
 def _same_network(a: dict, b: dict) -> bool:
-    for key in ("model", "nodes", "weights", "weights_sha256", "preprocessing", "crops", "pooling"):
+    # weights_seed: two ``random`` embeddings share the tag "random" but are different networks unless seeded alike
+    for key in ("model", "nodes", "weights", "weights_seed", "weights_sha256", "preprocessing", "crops", "pooling"):
         if key in a and key in b and a[key] != b[key]:
             return False
     return True
@@ -112,16 +113,16 @@ def _thumb(img: Any, box: tuple[int, int, int, int] | None = None) -> np.ndarray
 
 
 def _center_square(img: Any, size: int, resize: int | None = None) -> Any:
-    """Shorter side -> ``resize`` (default ``size``), then the centre ``size`` x ``size`` crop (as extraction)."""
-    from PIL import Image
+    """Shorter side -> ``resize`` (default ``size``), then the centre ``size`` x ``size`` crop (as extraction).
 
-    resize = resize or size
-    w, h = img.size
-    scale = resize / min(w, h)
-    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.Resampling.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    torchvision's own resize and centre crop, as :class:`featstudy.transforms.ImageTransform` uses them: the longer
+    side is truncated (``int``), the offset is ``round((w - size) / 2)``, so the square is the pixels the network saw
+    (rounding the side or flooring the offset shifts it by a pixel and the receptive-field box with it).
+    """
+    import torchvision.transforms.functional as TF
+
+    img = TF.resize(img, resize or size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(img, [size, size])
 
 
 class ImageSource:
