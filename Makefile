@@ -29,7 +29,7 @@ test-fast: $(STAMP)  ## the suite without slow end-to-end tests
 mutation: $(STAMP)  ## mutation testing of the analysis layer and the report (mutmut, ~1 h on 2 cores; docs/testing.md)
 	$(PY) -m pip install -q -e '.[dev]'
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	NUMBA_THREADING_LAYER=workqueue OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
 	$(VENV)/bin/mutmut results
 
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
