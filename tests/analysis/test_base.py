@@ -89,3 +89,23 @@ def test_bad_callback_blocks_are_one_config_error(block, message):
     with pytest.raises(ConfigError, match=message) as info:
         instantiate_callbacks({"bad": block})
     assert "\n" not in str(info.value)
+
+
+def test_a_class_without_images_shifts_no_name(tmp_path):
+    """classes.txt names a, b, c but no image is labelled b (all unreadable): D has two columns, named a and c, and
+    the labels index those columns (fig1/fig3 pick class members by column)."""
+    from featstudy.analysis import AnalysisContext
+    from featstudy.store import load_embedding, write_embedding
+
+    x = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0], [12.0]], dtype=np.float32)
+    stored = np.array([0, 0, 0, 0, 2, 2, 2])
+    folder = write_embedding(tmp_path / "e", features=x, labels=stored, classes=["a", "b", "c"],
+                             paths=[f"{i}.png" for i in range(7)], feature_names=["fc7:0"], meta={})
+    ctx = AnalysisContext(load_embedding(folder), {"bins": None, "permutations": 1, "seed": 0}, tmp_path / "o", "t")
+    assert ctx.classes == ["a", "c"]
+    assert ctx.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    # by hand: a's values (0..3) lie entirely below c's (10..12): D(a) = -1, D(c) = +1
+    assert ctx.ks().d.tolist() == [[-1.0, 1.0]]
+    KSCallback().run(ctx)
+    with np.load(tmp_path / "o" / "arrays" / "ks.npz") as z:
+        assert z["classes"].tolist() == ["a", "c"] and z["d"].shape == (1, 2) and z["n_in"].tolist() == [4, 3]

@@ -98,6 +98,8 @@ def test_randomized_share_is_bh_within_each_permutation(tiny):
     assert shares == [3 / 24, 0.0]
     m = NullCallback().run(ctx).metrics
     assert m["null_significant_share_random"] == pytest.approx(1 / 16)
+    # at q = 0.01 BH keeps none of them (q = 0.032), though their raw p = 2/495 = 0.004 is below 0.01
+    assert NullCallback(q=0.01).run(ctx).metrics["null_significant_share_random"] == 0.0
 
 
 @pytest.mark.parametrize("q", [0, 1, -0.5, 1.5])

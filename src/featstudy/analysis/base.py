@@ -94,11 +94,30 @@ class AnalysisContext:
     # -- data
     @property
     def labels(self) -> np.ndarray:
-        return self.embedding.labels
+        """(N,) column index of each image's class in D: ``classes[labels[i]]`` is image i's class."""
+        self._index_classes()
+        return self._cache["labels"]
 
     @property
     def classes(self) -> list[str]:
-        return self.embedding.classes
+        """Names of the classes that have images, in label order: column c of every (F, C) array is ``classes[c]``.
+
+        A class of ``classes.txt`` without any image (every one unreadable) has no column; it is left out here,
+        with a warning, so no name is shifted onto another class's column.
+        """
+        self._index_classes()
+        return self._cache["classes"]
+
+    def _index_classes(self) -> None:
+        if "classes" in self._cache:
+            return
+        present, labels = np.unique(self.embedding.labels, return_inverse=True)
+        names = self.embedding.classes
+        empty = [names[i] for i in range(len(names)) if i not in set(present.tolist())]
+        if empty:
+            log.warning("classes without any image are left out of the analysis: %s", empty)
+        self._cache["classes"] = [names[i] for i in present]
+        self._cache["labels"] = labels.reshape(-1).astype(np.int64)
 
     @property
     def features(self) -> np.ndarray:
