@@ -1,51 +1,73 @@
-"""Launchers beyond one process: SLURM through hydra-submitit-launcher (its config and the sbatch script it makes),
-the same kind of sweep end to end with submitit's local executor, and 4 parallel joblib jobs on one fresh SQLite
-file."""
+"""Launchers beyond one process: SLURM through hydra-submitit-launcher (the real launcher's sbatch array, handed to
+a fake ``sbatch``), the same kind of sweep end to end with submitit's local executor, 4 parallel joblib jobs on one
+fresh SQLite file, DDP refused inside a sweep, and a real 2-process CPU DDP run (gloo) of one job."""
 
 from __future__ import annotations
 
+import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 
-def test_slurm_launcher_composes_into_the_sbatch_script(helpers, tmp_path, monkeypatch):
-    """``hydra/launcher=slurm`` composes against the plugin's schema, and the launcher's own parameter mapping gives
-    an sbatch script with the partition, GPUs per node, time limit, array parallelism and SIGUSR2 warning."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
-    cfg = helpers.compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-                           "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=3",
-                           f"hydra.sweep.dir={tmp_path}", "hydra.job.name=featstudy"], hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min, launcher.array_parallelism) == \
-        ("gpu", 2, 90, 3)
-    assert launcher.max_num_timeout == 0 and launcher.signal_delay_s == 120
-    defaults = helpers.compose(["hydra/launcher=slurm"], hydra_config=True).hydra.launcher
-    assert (defaults.gpus_per_node, defaults.tasks_per_node, defaults.timeout_min, defaults.array_parallelism) == \
-        (1, 1, 120, 32)
 
-    # what SlurmLauncher.launch does with these keys (submitit only wants to see `srun` on the PATH)
+def _sweep_task(cfg) -> None:  # the task function handed to the launcher (pickled with it, never run here)
+    raise AssertionError("the fake sbatch never runs a job")
+
+
+def test_slurm_launcher_submits_one_sbatch_array_with_our_settings(helpers, tmp_path, monkeypatch):
+    """``hydra/launcher=slurm`` as Hydra builds it (the plugin class instantiated from the composed config) and its
+    own ``launch``: the sbatch script it hands to ``sbatch`` (a fake that records it) carries the partition, GPUs per
+    node, time limit, array parallelism and the SIGUSR2 warning; each array task gets its own job's overrides. Only
+    the wait for the cluster's results is cut short (there is no SLURM here)."""
+    import pickle
+
+    import submitit.slurm.slurm as submitit_slurm
+    from hydra.utils import instantiate
+
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "srun").chmod(stat.S_IRWXU)
-    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
-    params = OmegaConf.to_container(launcher, resolve=True)
-    params.pop("_target_")
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    executor._executor.parameters["map_count"] = 5  # a 5-job sweep is one array
-    script = executor._executor._make_submission_file_text("python -m featstudy", "uid")
+    for name, body in (("srun", "exit 0"), ("sbatch", 'cp "$1" "$SBATCH_RECORD"; echo "Submitted batch job 4242"')):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_RECORD", str(tmp_path / "submitted.sh"))
+    monkeypatch.setattr(submitit_slurm.SlurmJob, "results", lambda job: [job.job_id])
+
+    def submit(overrides: list[str], n_jobs: int) -> str:
+        sweep = tmp_path / f"sweep{n_jobs}"
+        cfg = helpers.compose(["hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", "hydra.job.name=featstudy",
+                               *overrides], hydra_config=True)
+        launcher = instantiate(cfg.hydra.launcher)
+        # by name: Hydra's plugin scan loads hydra_plugins modules a second time, so class identity differs
+        assert type(launcher).__module__ + "." + type(launcher).__qualname__ == SLURM_LAUNCHER
+        launcher.setup(hydra_context=None, task_function=_sweep_task, config=cfg)
+        jobs = [[f"analysis.bins={b}"] for b in range(10, 10 + n_jobs)]
+        assert launcher.launch(jobs, initial_job_idx=0) == [f"4242_{i}" for i in range(n_jobs)]
+        for i, job in enumerate(jobs):  # array task i runs sweep job i
+            (pkl,) = sweep.glob(f".submitit/4242_{i}/*_submitted.pkl")
+            with open(pkl, "rb") as fh:
+                assert pickle.load(fh).args[:3] == (job, "hydra.sweep.dir", i)
+        return (tmp_path / "submitted.sh").read_text()
+
+    script = submit(["hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+                     "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=3"], 5)
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90",
-                 "#SBATCH --array=0-4%3", "#SBATCH --signal=USR2@120", "#SBATCH --ntasks-per-node=1"):
-        assert line in script, line
+                 "#SBATCH --array=0-4%3", "#SBATCH --signal=USR2@120", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --job-name=featstudy"):
+        assert line in script.splitlines(), line
+    # conf/hydra/launcher/slurm.yaml's own settings: one GPU and 8 CPUs per job, 2 h, 32 jobs at once
+    script = submit([], 40)
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=120",
+                 "#SBATCH --array=0-39%32", "#SBATCH --signal=USR2@120"):
+        assert line in script.splitlines(), line
+    assert not any(line.startswith("#SBATCH --partition") for line in script.splitlines())
 
 
 def _runs(uri: str):
@@ -82,6 +104,22 @@ def _check_sweep(root: Path, n_jobs: int) -> list:
     return children
 
 
+WAITED = "another process is extracting it; waiting for its lock"
+
+
+def _skip_unless_they_overlapped(children: list) -> None:
+    """Call after every other check: the jobs must have run at the same time (their MLflow runs overlap) and one
+    of them must have found the embedding's lock taken (its job log says it waited), else the parallel launcher and
+    the lock were not exercised, and the test says so."""
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    concurrent = any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+    logs = [p.read_text() for r in children for p in Path(r.data.tags["featstudy.output_dir"]).glob("*.log")]
+    waited = sum(WAITED in text for text in logs)
+    if not (concurrent and waited):
+        pytest.skip(f"the {len(children)} jobs did not overlap (runs concurrent: {concurrent}, jobs that waited for "
+                    f"the extraction lock: {waited}); the launcher's parallelism and the lock were not exercised")
+
+
 @pytest.mark.slow
 def test_submitit_local_sweep_end_to_end(tmp_path, image_folder, helpers):
     """The SLURM code path (submitit) with its local executor: 2 jobs in their own processes, both FINISHED."""
@@ -93,6 +131,7 @@ def test_submitit_local_sweep_end_to_end(tmp_path, image_folder, helpers):
     children = _check_sweep(tmp_path, 2)
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["25", "null"]
     assert list(tmp_path.glob("multirun/*/*/.submitit/*/*_result.pkl"))  # they really ran through submitit
+    _skip_unless_they_overlapped(children)
 
 
 @pytest.mark.slow
@@ -107,6 +146,7 @@ def test_four_parallel_joblib_jobs_on_one_fresh_sqlite_file(tmp_path, image_fold
     assert rc == 0
     children = _check_sweep(tmp_path, 4)
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["100", "25", "50", "null"]
+    _skip_unless_they_overlapped(children)
 
 
 def test_a_sweep_of_ddp_jobs_is_refused_in_one_line(tmp_path, image_folder, helpers, capsys):
@@ -120,21 +160,43 @@ def test_a_sweep_of_ddp_jobs_is_refused_in_one_line(tmp_path, image_folder, help
     assert not list(tmp_path.glob(".cache/featstudy/embeddings/*/DONE"))
 
 
-def test_a_ddp_helper_rank_only_extracts(tmp_path, image_folder, helpers, monkeypatch):
-    """What Lightning's re-launched rank 1 (or an srun task with SLURM_PROCID>0) does with the same command line:
-    it joins the extraction and nothing else: no MLflow store, run or output files, no analysis. (Checked by hand
-    with 2 CPU processes: ``trainer.devices=2 trainer.strategy=ddp`` gives one FINISHED run of all images.)"""
-    import featstudy.app
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_give_one_run_of_all_images(tmp_path, image_folder, helpers):
+    """``python -m featstudy ... trainer.devices=2 trainer.strategy=ddp`` on CPU: Lightning re-launches the command
+    as rank 1 (gloo); both ranks extract, rank 0 alone tracks, analyses and writes: one FINISHED MLflow run with
+    every image, one output folder with status.txt and config.yaml, one journal."""
+    import featstudy
 
-    calls = []
-    monkeypatch.setattr(featstudy.app, "_get_embedding", lambda cfg: calls.append(cfg.paths.cache_dir) or "handle")
-    monkeypatch.setattr(featstudy.app, "_check_classes", lambda cfg: pytest.fail("rank 1 must not check the dataset"))
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("SLURM_PROCID", raising=False)
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    out = tmp_path / "out"
-    assert helpers.run_cli([*_cheap(tmp_path, image_folder, helpers), f"hydra.run.dir={out}"], monkeypatch) == 0
-    assert calls == [str(tmp_path / ".cache" / "featstudy")]
-    assert not (tmp_path / "mlruns").exists()
-    assert not (out / "status.txt").exists() and not (out / "config.yaml").exists()
+    src = Path(featstudy.__file__).resolve().parents[1]  # the featstudy this process imports
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                             "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])
+    args = [*_cheap(tmp_path, image_folder, helpers), "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.strategy=ddp"]
+    proc = subprocess.run([sys.executable, "-m", "featstudy", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n_images = sum(1 for p in image_folder.rglob("*.png"))  # 3 classes x 8 (conftest.make_image_folder)
+
+    client, runs = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["n_images"] == n_images == 24 and run.data.metrics["n_classes"] == 3
+    out = Path(run.data.tags["featstudy.output_dir"])
+    assert [p for p in (tmp_path / "outputs").glob("*/runs/*") if p.is_dir()] == [out]
+    assert (out / "status.txt").read_text().split("\t")[:2] == ["FINISHED", run.info.run_id]
+    assert (out / "config.yaml").is_file() and "strategy: ddp" in (out / "config.yaml").read_text()
+    # the embedding holds every image once, in the dataset's order, although each rank saw half of them
+    from featstudy.store import load_embedding
+
+    emb = load_embedding(run.data.tags["featstudy.embedding_path"])
+    assert emb.paths == sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.png"))
+
+    # two processes ran: rank 1 logged (Lightning names its Hydra job train_ddp_process_1) that it only extracts ...
+    rank1_log = (out / "train_ddp_process_1.log").read_text()
+    assert "global rank 1: extraction only" in rank1_log and "extracting" in rank1_log
+    # ... and only one of them wrote outputs: one journal start, one end-of-run line, one "figures:" line
+    journal = [json.loads(line) for line in (out / "tracking_journal.jsonl").read_text().splitlines()]
+    assert [e.get("op") for e in journal].count("start") == 1 and not list(out.glob("tracking_journal.jsonl.*"))
+    assert proc.stderr.count("[featstudy] FINISHED: outputs in") == 1
+    assert proc.stdout.count("[featstudy] figures:") == 1

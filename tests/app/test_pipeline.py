@@ -1,15 +1,24 @@
 """The demo pipeline end to end on a tiny image folder against a temporary SQLite store.
 
 Real extraction (VGG19, random weights, ten 32 px crops), real statistics, real MLflow: a sweep with one parent
-and a child per job that extracts once; metrics, tags and artifacts of the children; FAILED and KILLED runs; the
-cross-run report.
+and a child per job that extracts once; metrics, tags and artifacts of the children; FAILED and KILLED runs;
+``tracking.resume``; the cross-run report.
+
+Order independence: the module fixture ``history`` runs every sweep the tests look at, in a fixed order, on its own
+store, and records per step the exit code, the ids of the runs it added, its stderr and the cache folders. Tests
+read only the runs of the step they are about, so any order (pytest-randomly) and any single test gives the same
+result. Tests that add runs (the signals, the report) use their own store or look only at what they added.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,7 @@ JOB_METRICS = {"t_plus", "t_minus", "d_avg_t_plus", "d_avg_t_minus", "n_irreleva
 FIGURES = {f"figures/{name}.png" for name in ("fig1", "fig2", "fig3", "fig5", "fig6", "fig9", "fig10")}
 ARTIFACTS = FIGURES | {"tables/table3.csv", "tables/table4.csv", "arrays/ks.npz", "config.yaml", "skipped.txt",
                        "tables/null_by_layer.csv", "tables/table4.json", "tables/irrelevant_by_layer.json"}
+LIGHT = ("~analysis.callbacks.figures", "~analysis.callbacks.null")
 
 
 def client_for(uri: str):
@@ -35,7 +45,7 @@ def client_for(uri: str):
 def all_runs(uri: str):
     c = client_for(uri)
     exp = c.get_experiment_by_name("featstudy")
-    return c.search_runs([exp.experiment_id], max_results=1000)
+    return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
 
 
 def artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
@@ -46,51 +56,99 @@ def artifacts(uri: str, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
-def run_sweep(helpers, root, image_folder, *overrides: str) -> int:
-    """``python -m featstudy -m`` on the tiny image folder with ``overrides``; its exit code."""
-    with pytest.MonkeyPatch.context() as mp:
+def cache_folders(root: Path) -> list[str]:
+    emb = root / ".cache" / "featstudy" / "embeddings"
+    return sorted(p.name for p in emb.iterdir() if p.is_dir()) if emb.is_dir() else []
+
+
+@dataclass
+class Step:
+    """One sweep of the history: exit code, the runs it added (oldest first), what it printed on stderr, and the
+    embedding folders in the cache after it."""
+
+    rc: int
+    runs: list
+    err: str
+    cache: list[str]
+
+    def jobs(self) -> list:
+        return [r for r in self.runs if r.data.tags.get("featstudy.role") == "job"]
+
+    def parent(self):
+        (parent,) = [r for r in self.runs if r.data.tags.get("featstudy.role") == "sweep"]
+        return parent
+
+
+def run_sweep(helpers, root: Path, images: Path, uri: str, *overrides: str, mp=None) -> Step:
+    """``python -m featstudy -m`` on the tiny image folder with ``overrides``; what it did (see :class:`Step`)."""
+    before = {r.info.run_id for r in all_runs(uri)}
+    err = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        mp = mp or stack.enter_context(pytest.MonkeyPatch.context())
         mp.setenv("HYDRA_FULL_ERROR", "0")
-        return helpers.run_cli(["-m", *helpers.tiny_overrides(root, image_folder), *overrides], mp)
+        with contextlib.redirect_stderr(err):  # main() reports on the sys.stderr it finds when it starts
+            rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, images), *overrides], mp)
+    new = sorted((r for r in all_runs(uri) if r.info.run_id not in before), key=lambda r: r.info.start_time)
+    return Step(rc, new, err.getvalue(), cache_folders(root))
 
 
-LIGHT = ("~analysis.callbacks.figures", "~analysis.callbacks.null")
+def _inject_failure(cfg):
+    from featstudy.errors import DataError
+
+    raise DataError("dataset: injected failure (test)")
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, image_folder, helpers):
-    """``-m analysis.bins=25,null`` (binned and exact) on a fresh cache and a fresh SQLite file."""
+def history(tmp_path_factory, image_folder, helpers) -> tuple[Path, str, dict[str, Step]]:
+    """Every sweep of this module, in this order, on a fresh cache and a fresh SQLite file:
+
+    ``sweep``:    ``analysis.bins=25,null`` (binned and exact; the first job extracts, the second reuses)
+    ``layers``:   ``analysis.layers=[conv1_1,conv1_2],[conv5_4,fc7]`` (light: no figures, no null)
+    ``failing``:  ``analysis.layers=[fc7],[nope]`` (light; [nope] is not a layer: FAILED)
+    ``failed``:   ``analysis.layers=[conv1_1]`` (light) whose job fails (an injected DataError): FAILED
+    ``resume``:   ``analysis.layers=[fc7],[conv1_1] tracking.resume=true`` (light)
+    """
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
-    return root, uri, run_sweep(helpers, root, image_folder, "analysis.bins=25,null")
+    steps = {"sweep": run_sweep(helpers, root, image_folder, uri, "analysis.bins=25,null"),
+             "layers": run_sweep(helpers, root, image_folder, uri, *LIGHT,
+                                 "analysis.layers=[conv1_1,conv1_2],[conv5_4,fc7]"),
+             "failing": run_sweep(helpers, root, image_folder, uri, *LIGHT, "analysis.layers=[fc7],[nope]")}
+    import featstudy.app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(featstudy.app, "_get_embedding", _inject_failure)
+        steps["failed"] = run_sweep(helpers, root, image_folder, uri, *LIGHT, "analysis.layers=[conv1_1]", mp=mp)
+    steps["resume"] = run_sweep(helpers, root, image_folder, uri, *LIGHT, "analysis.layers=[fc7],[conv1_1]",
+                                "tracking.resume=true")
+    return root, uri, steps
 
 
-def test_sweep_has_one_parent_and_a_child_per_job(sweep):
-    root, uri, rc = sweep
-    assert rc == 0
-    runs = all_runs(uri)
-    parents = [r for r in runs if r.data.tags.get("featstudy.role") == "sweep"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 2 == len(runs) - 1
+def test_sweep_has_one_parent_and_a_child_per_job(history):
+    _, _, steps = history
+    step = steps["sweep"]
+    assert step.rc == 0
+    parent = step.parent()
+    assert parent.info.status == "FINISHED"
+    children = [r for r in step.runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 == len(step.runs) - 1  # nothing else was created
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["25", "null"]
     assert all(r.info.status == "FINISHED" for r in children)
 
 
-def test_sweep_extracts_once(sweep):
-    root, uri, _ = sweep
-    children = sorted((r for r in all_runs(uri) if r.data.tags.get("featstudy.role") == "job"),
-                      key=lambda r: r.info.start_time)
+def test_sweep_extracts_once(history):
+    _, _, steps = history
+    children = steps["sweep"].jobs()  # oldest first
     assert [r.data.tags["embedding_cache"] for r in children] == ["miss", "hit"]
-    assert len({r.data.tags["embedding_key"] for r in children}) == 1
-    folders = [p for p in (root / ".cache" / "featstudy" / "embeddings").iterdir() if p.is_dir()]
-    assert len(folders) == 1
+    (key,) = {r.data.tags["embedding_key"] for r in children}
+    assert steps["sweep"].cache == [key]
 
 
-def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
+def test_child_metrics_tags_params_and_artifacts(history, tmp_path):
     from featstudy import stats
 
-    _, uri, _ = sweep
-    run = next(r for r in all_runs(uri) if r.data.params.get("analysis.bins") == "null")
+    _, uri, steps = history
+    run = next(r for r in steps["sweep"].jobs() if r.data.params.get("analysis.bins") == "null")
     assert JOB_METRICS <= set(run.data.metrics)
     tags = run.data.tags
     assert tags["weights"] == "random" and tags["dataset"] == "imagefolder"
@@ -99,7 +157,7 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     assert ARTIFACTS <= artifacts(uri, run.info.run_id)
     status_file = Path(tags["featstudy.output_dir"]) / "status.txt"
     assert status_file.read_text().split("\t")[:2] == ["FINISHED", run.info.run_id]
-    # the logged thresholds are the ones the stored D arrays give
+    # the logged thresholds are the ones the stored D arrays give (3 classes of 8 images, 9,600 VGG19 features)
     local = client_for(uri).download_artifacts(run.info.run_id, "arrays/ks.npz", str(tmp_path))
     with np.load(local) as z:
         d, d_random = z["d"], z["d_random"]
@@ -109,8 +167,8 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     assert run.data.metrics["t_minus"] == pytest.approx(float(th.t_minus))
     n_irr = int(np.sum(stats.irrelevant_features(d, th.t_plus, th.t_minus)))
     assert run.data.metrics["n_irrelevant_features"] == n_irr
-    history = client_for(uri).get_metric_history(run.info.run_id, "d_avg_plus")
-    assert len(history) == len(th.grid) and {m.step for m in history} == set(range(len(th.grid)))
+    history_points = client_for(uri).get_metric_history(run.info.run_id, "d_avg_plus")
+    assert len(history_points) == len(th.grid) and {m.step for m in history_points} == set(range(len(th.grid)))
     table4 = client_for(uri).download_artifacts(run.info.run_id, "tables/table4.csv", str(tmp_path))
     row = dict(zip(*[line.split(",") for line in Path(table4).read_text().splitlines()]))
     assert row["dataset"] == "imagefolder" and row["bins"] == "exact" and float(row["t_plus"]) == pytest.approx(th.t_plus)
@@ -119,36 +177,62 @@ def test_child_metrics_tags_params_and_artifacts(sweep, tmp_path):
     assert lines[1].startswith("conv1_1,64,") and lines[-1].startswith("Total,9600")
 
 
-def test_layer_subsets_reuse_the_cache(sweep, image_folder, helpers):
-    root, uri, _ = sweep
-    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[conv1_1,conv1_2],[conv5_4,fc7]")
-    assert rc == 0
-    runs = [r for r in all_runs(uri) if r.data.params.get("analysis.layers", "null") != "null"]
-    assert len(runs) == 2
+def test_layer_subsets_reuse_the_cache(history):
+    _, uri, steps = history
+    step = steps["layers"]
+    assert step.rc == 0
+    runs = step.jobs()
+    assert len(runs) == 2 and step.parent().info.status == "FINISHED"
     assert {r.data.tags["embedding_cache"] for r in runs} == {"hit"}
+    assert step.cache == steps["sweep"].cache  # no second extraction
+    # conv1_1 + conv1_2: 64 + 64 channels; conv5_4 + fc7: 512 + 4096
     assert sorted(r.data.metrics["n_features"] for r in runs) == [128, 4608]
     assert all("figures/fig9.png" not in artifacts(uri, r.info.run_id) for r in runs)
 
 
-def test_a_failing_job_is_failed_and_so_is_its_sweep(sweep, image_folder, helpers, capsys):
-    root, uri, _ = sweep
-    before = {r.info.run_id for r in all_runs(uri)}
-    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[fc7],[nope]")
-    assert rc == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("featstudy: error")]
+def test_a_failing_job_is_failed_and_so_is_its_sweep(history):
+    _, _, steps = history
+    step = steps["failing"]
+    assert step.rc == 2
+    err = [ln for ln in step.err.splitlines() if ln.startswith("featstudy: error")]
     assert len(err) == 1 and "analysis.layers" in err[0] and "nope" in err[0]
-    new = [r for r in all_runs(uri) if r.info.run_id not in before]
-    parent = next(r for r in new if r.data.tags.get("featstudy.role") == "sweep")
-    children = {r.data.params["analysis.layers"]: r.info.status for r in new if r is not parent}
+    children = {r.data.params["analysis.layers"]: r.info.status for r in step.jobs()}
     assert children == {"['fc7']": "FINISHED", "['nope']": "FAILED"}
-    assert parent.info.status == "FAILED"
+    assert len(step.runs) == 3 and step.parent().info.status == "FAILED"
+
+
+def test_resume_skips_finished_jobs_and_reruns_failed_ones(history):
+    _, _, steps = history
+    (fc7_done,) = [r for r in steps["failing"].jobs() if r.data.params["analysis.layers"] == "['fc7']"]
+    (conv_failed,) = steps["failed"].jobs()
+    assert steps["failed"].rc == 2 and conv_failed.info.status == "FAILED"  # what the resume has to redo
+    step = steps["resume"]
+    assert step.rc == 0
+    # [fc7] FINISHED in the failing sweep: skipped (no new run), naming that run; [conv1_1] FAILED: runs again
+    jobs = step.jobs()
+    assert [r.data.params["analysis.layers"] for r in jobs] == ["['conv1_1']"]
+    assert jobs[0].info.status == "FINISHED"
+    assert jobs[0].data.tags["featstudy.config_hash"] == conv_failed.data.tags["featstudy.config_hash"]
+    skipped = [ln for ln in step.err.splitlines() if "tracking.resume: skipped, identical FINISHED run" in ln]
+    assert len(skipped) == 1 and fc7_done.info.run_id in skipped[0]
+
+
+@pytest.fixture(scope="module")
+def kill_store(tmp_path_factory) -> tuple[Path, str]:
+    """A root folder with a ready SQLite store for the signal tests (creating the tables costs seconds); each test
+    looks only at the runs it adds."""
+    root = tmp_path_factory.mktemp("killed")
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    (root / "mlruns").mkdir()
+    client_for(uri).search_experiments()
+    return root, uri
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
-def test_a_signal_marks_the_run_killed(sig, sweep, image_folder, helpers, monkeypatch):
+def test_a_signal_marks_the_run_killed(sig, kill_store, image_folder, helpers, monkeypatch):
     import featstudy.app
 
-    root, uri, _ = sweep
+    root, uri = kill_store
     before = {r.info.run_id for r in all_runs(uri)}
 
     def terminated(cfg):
@@ -160,39 +244,34 @@ def test_a_signal_marks_the_run_killed(sig, sweep, image_folder, helpers, monkey
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
     with pytest.raises(KeyboardInterrupt):
         helpers.run_cli(helpers.tiny_overrides(root, image_folder), monkeypatch)
-    new = [r for r in all_runs(uri) if r.info.run_id not in before]
-    assert [r.info.status for r in new] == ["KILLED"]
+    (run,) = [r for r in all_runs(uri) if r.info.run_id not in before]
+    assert run.info.status == "KILLED"
+    status = (Path(run.data.tags["featstudy.output_dir"]) / "status.txt").read_text().split("\t")
+    assert status[:2] == ["KILLED", run.info.run_id]
     assert signal.getsignal(sig) is not featstudy.app._raise_terminated
 
 
-def test_resume_skips_finished_jobs_and_reruns_failed_ones(sweep, image_folder, helpers, capsys):
-    root, uri, _ = sweep
-    before = {r.info.run_id for r in all_runs(uri)}
-    rc = run_sweep(helpers, root, image_folder, *LIGHT, "analysis.layers=[fc7],[conv1_1]", "tracking.resume=true")
-    assert rc == 0
-    out = capsys.readouterr()
-    new = [r for r in all_runs(uri) if r.info.run_id not in before]
-    jobs = [r for r in new if r.data.tags.get("featstudy.role") == "job"]
-    # [fc7] finished in the failing sweep above: skipped; [conv1_1] never ran with these settings: runs now
-    assert [r.data.params["analysis.layers"] for r in jobs] == ["['conv1_1']"]
-    assert "tracking.resume: skipped, identical FINISHED run" in out.err
-
-
-def test_report_compares_runs_and_is_logged(sweep, tmp_path):
+def test_report_compares_runs_and_is_logged(history, tmp_path):
     from featstudy import report
 
-    _, uri, _ = sweep
-    jobs = [r for r in all_runs(uri) if r.data.tags.get("featstudy.role") == "job" and r.info.status == "FINISHED"
-            and r.data.params.get("analysis.layers") == "null"]
+    _, uri, steps = history
+    jobs = steps["sweep"].jobs()
     ids = [r.info.run_id for r in jobs]
+    before = {r.info.run_id for r in all_runs(uri)}
     assert report.main(["--tracking-uri", uri, "--runs", *ids, "--out", str(tmp_path / "rep"),
                         "--formats", "png"]) == 0
     for name in ("figures/fig5.png", "figures/fig6.png", "tables/table4.csv"):
         assert (tmp_path / "rep" / name).is_file()
-    rows = (tmp_path / "rep" / "tables" / "table4.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(ids) and "t_plus" in rows[0]
-    rep = next(r for r in all_runs(uri) if r.data.tags.get("featstudy.role") == "report")
-    assert rep.info.status == "FINISHED" and set(rep.data.tags["featstudy.report_runs"].split(",")) == set(ids)
+    with open(tmp_path / "rep" / "tables" / "table4.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # one row per run, each with that run's own t+ (binned and exact differ in general)
+    assert sorted(r["run_id"] for r in rows) == sorted(ids)
+    for r in jobs:
+        (row,) = [x for x in rows if x["run_id"] == r.info.run_id]
+        assert float(row["t_plus"]) == pytest.approx(r.data.metrics["t_plus"])
+    (rep,) = [r for r in all_runs(uri) if r.info.run_id not in before]
+    assert rep.data.tags["featstudy.role"] == "report" and rep.info.status == "FINISHED"
+    assert set(rep.data.tags["featstudy.report_runs"].split(",")) == set(ids)
     assert {"figures/fig5.png", "tables/table4.csv"} <= artifacts(uri, rep.info.run_id)
-    # a run without a D array is refused in one line
+    # no run of that dataset: refused in one line
     assert report.main(["--tracking-uri", uri, "--datasets", "nope", "--no-log"]) == 2

@@ -18,6 +18,7 @@ import torchvision.transforms as T
 from omegaconf import OmegaConf
 from PIL import Image
 
+import featstudy
 from featstudy import models
 from featstudy.errors import ConfigError, DataError
 from featstudy.extraction import get_embedding, plan
@@ -25,7 +26,7 @@ from featstudy.models.vgg19 import LAYER_TABLE
 from featstudy.store import load_embedding
 
 SCRIPT = Path(__file__).with_name("run_extraction.py")
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(featstudy.__file__).resolve().parents[1]  # the featstudy this process imports, for the helpers
 
 
 def independent_vgg19_features(weights_file, root: Path, rel_paths, resize=40, size=32):
@@ -207,18 +208,43 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path, light_cfg):
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, light_cfg):
-    data = _many(tmp_path / "data", 30)
-    cfg = light_cfg(tmp_path / "cache", data)
-    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
-    procs = [_run(tmp_path / "cfg.yaml") for _ in range(2)]
+WAITED = "another process is extracting it; waiting for its lock"
+
+
+def _race(root: Path, data: Path, light_cfg) -> list[dict]:
+    """Two processes started at once on the same config (the extracting one slowed to ~0.1 s per shard of 4
+    images); each one's JSON line (key, hit, times, what its extraction logged)."""
+    cfg = light_cfg(root / "cache", data)
+    root.mkdir(parents=True)
+    OmegaConf.save(cfg, root / "cfg.yaml")
+    procs = [_run(root / "cfg.yaml", {"FEATSTUDY_TEST_SHARD_DELAY": "0.1"}) for _ in range(2)]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    assert outs[0]["key"] == outs[1]["key"]
-    assert sorted(o["hit"] for o in outs) == [False, True]
+    return outs
+
+
+def test_two_processes_same_key_one_extracts_one_reuses(tmp_path, light_cfg):
+    """The second process finds the lock taken, waits, and reuses what the first extracted. The test proves the two
+    overlapped: the reusing one logged that it waited for the lock (and their get_embedding calls overlap in time);
+    a run where it only found the finished embedding is retried once, then reported as a skip."""
+    data = _many(tmp_path / "data", 30)
+    for attempt in range(2):
+        outs = _race(tmp_path / f"try{attempt}", data, light_cfg)
+        assert outs[0]["key"] == outs[1]["key"]
+        assert sorted(o["hit"] for o in outs) == [False, True]  # exactly one extracted
+        extractor, reuser = sorted(outs, key=lambda o: o["hit"])
+        if any(WAITED in m for m in reuser["log"]):
+            break
+    else:
+        pytest.skip("the two processes never overlapped at the lock in 2 tries (the second found the embedding "
+                    "already finished); the lock was not exercised")
+    assert not any(WAITED in m for m in extractor["log"])
+    assert any("finished by another process, reusing" in m for m in reuser["log"])
+    assert not any("extracting" in m and "images" in m for m in reuser["log"])  # it ran no forward pass
+    assert reuser["t_start"] < extractor["t_end"] and extractor["t_start"] < reuser["t_end"]
 
 
 def test_channels_last_is_an_opt_in_with_the_same_numbers(tmp_path, light_cfg):

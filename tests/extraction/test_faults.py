@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import featstudy
 from featstudy.errors import DataError
 from featstudy.extraction import get_embedding, plan
 from featstudy.store import EmbeddingError, is_complete, load_embedding
 
 SCRIPT = Path(__file__).with_name("run_extraction.py")
-SRC = Path(__file__).resolve().parents[2] / "src"
+SRC = Path(featstudy.__file__).resolve().parents[1]  # the featstudy this process imports, for the helpers
 LIGHT_MODEL = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                "nodes": ["layer1", "flatten"]}
 
