@@ -143,8 +143,10 @@ def check_zip_members(zf: zipfile.ZipFile, dest: Path, archive) -> None:
                 raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (a link to {link!r}, outside {dest})")
 
 
-def check_file_hash(path: Path, *, md5: str | None = None, sha256: str | None = None) -> None:
-    """Raise :class:`DataError` naming ``path`` and both digests unless its md5 / sha256 (hashed in chunks) match."""
+def check_file_hash(path: Path, *, md5: str | None = None, sha256: str | None = None,
+                    key: str = "dataset.download") -> None:
+    """Raise :class:`DataError` naming ``key``, ``path`` and both digests unless its md5 / sha256 (hashed in chunks)
+    match."""
     for algo, expected in (("md5", md5), ("sha256", sha256)):
         if expected is None:
             continue
@@ -153,7 +155,7 @@ def check_file_hash(path: Path, *, md5: str | None = None, sha256: str | None = 
             while block := fh.read(1 << 22):
                 h.update(block)
         if h.hexdigest() != expected.lower():
-            raise DataError(f"dataset.download: {path}: {algo} {h.hexdigest()} is not the expected {expected}; the file "
+            raise DataError(f"{key}: {path}: {algo} {h.hexdigest()} is not the expected {expected}; the file "
                             "is not used: delete it (a partial or different download) and retry")
 
 

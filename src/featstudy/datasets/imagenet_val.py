@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featstudy.datasets.base import ImageDataset, missing_root, safe_extract
+from featstudy.datasets.base import ImageDataset, check_file_hash, missing_root, safe_extract
 from featstudy.errors import ConfigError, DataError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -80,15 +80,12 @@ def parse_devkit(devkit_dir: Path) -> tuple[dict[int, tuple[str, str]], list[int
 
 def prepare(root: Path) -> None:
     """Check the user's official archives (md5) and build ``root/val/<wnid>/`` and ``root/classes.json``."""
-    from torchvision.datasets.utils import check_integrity
-
     paths = {}
     for key, (name, md5) in ImageNetVal.archives.items():
         p = root / name
         if not p.is_file():
             raise DataError(f"dataset.root: {p}: missing; ImageNet cannot be downloaded automatically, place the official archive there")
-        if not check_integrity(str(p), md5):
-            raise DataError(f"dataset.root: {p}: md5 mismatch (expected {md5}); not the official archive")
+        check_file_hash(p, md5=md5, key="dataset.root")  # names the file, its md5 and the official one
         paths[key] = p
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp = Path(tmp)
