@@ -85,6 +85,21 @@ def run_cli(argv: list[str], monkeypatch) -> int:
     return 0
 
 
+def vgg19_conv_relus(net) -> dict[str, str]:
+    """``conv<block>_<i>`` -> the graph node of the ReLU after that conv, found by walking torchvision's
+    ``vgg19().features`` (paper Table 1: a block ends at each max-pool); independent of featstudy's own table."""
+    import torch
+
+    out, block, i = {}, 1, 0
+    for index, module in enumerate(net.features):
+        if isinstance(module, torch.nn.MaxPool2d):
+            block, i = block + 1, 0
+        elif isinstance(module, torch.nn.ReLU):
+            i += 1
+            out[f"conv{block}_{i}"] = f"features.{index}"
+    return out
+
+
 class Helpers:
     """The helpers above, handed to tests as the ``helpers`` fixture (test modules do not import conftest)."""
 
@@ -92,6 +107,7 @@ class Helpers:
     tiny_overrides = staticmethod(tiny_overrides)
     run_cli = staticmethod(run_cli)
     make_image_folder = staticmethod(make_image_folder)
+    vgg19_conv_relus = staticmethod(vgg19_conv_relus)
     conf_dir = CONF_DIR
 
 

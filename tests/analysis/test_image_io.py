@@ -94,18 +94,6 @@ def vgg():
         return torchvision.models.vgg19(weights=None).eval()
 
 
-def relu_nodes(net) -> dict[str, str]:
-    """conv<block>_<i> -> the graph node of the ReLU that follows it, by walking ``net.features``."""
-    out, block, i = {}, 1, 0
-    for index, m in enumerate(net.features):
-        if isinstance(m, torch.nn.MaxPool2d):
-            block, i = block + 1, 0
-        elif isinstance(m, torch.nn.Conv2d):
-            i += 1
-            out[f"conv{block}_{i}"] = f"features.{index + 1}"
-    return out
-
-
 def square(img: Image.Image) -> Image.Image:
     """What the network is fed (crops=center): torchvision's Resize(36) then CenterCrop(32)."""
     import torchvision.transforms as T
@@ -113,7 +101,9 @@ def square(img: Image.Image) -> Image.Image:
     return T.CenterCrop(SIZE)(T.Resize(RESIZE, interpolation=T.InterpolationMode.BILINEAR)(img))
 
 
-def conv_maps(net, pictures, layers, preprocessing: str = "torchvision") -> dict[str, np.ndarray]:
+def conv_maps(net, nodes, pictures, layers, preprocessing: str = "torchvision") -> dict[str, np.ndarray]:
+    """The conv maps of an independent torchvision forward; ``nodes``: conv name -> ReLU node
+    (``helpers.vgg19_conv_relus``)."""
     import torchvision.transforms.functional as TF
     from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -122,7 +112,6 @@ def conv_maps(net, pictures, layers, preprocessing: str = "torchvision") -> dict
         x = TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     else:  # caffe: BGR in 0-255 minus the mean pixel (B, G, R)
         x = x.flip(1) * 255 - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
-    nodes = relu_nodes(net)
     body = create_feature_extractor(net, {nodes[layer]: layer for layer in layers})
     with torch.no_grad():
         return {k: v.numpy() for k, v in body(x).items()}
@@ -199,7 +188,7 @@ def test_open_row_is_the_rows_image_and_none_when_the_dataset_changed(tmp_path):
 
 
 @pytest.mark.parametrize("preprocessing", ["torchvision", "caffe"])
-def test_peak_positions_equal_an_independent_forward(tmp_path, vgg, world, preprocessing):
+def test_peak_positions_equal_an_independent_forward(tmp_path, vgg, world, preprocessing, helpers):
     folder = world["own"]
     if preprocessing != "torchvision":  # the same embedding, made with Caffe-style preprocessing
         meta = load_embedding(folder).meta
@@ -207,7 +196,7 @@ def test_peak_positions_equal_an_independent_forward(tmp_path, vgg, world, prepr
                        preprocessing=preprocessing)
     pictures = world["pictures"][:5]
     layers = ["conv1_1", "conv2_1", "conv3_1", "conv4_2", "conv5_4"]
-    maps = conv_maps(vgg, pictures, layers, preprocessing)
+    maps = conv_maps(vgg, helpers.vgg19_conv_relus(vgg), pictures, layers, preprocessing)
     requests = [(i, layer, ch) for i in (0, 2, 3, 4) for layer in layers for ch in range(0, 64, 3)]
     got = image_io.peak_positions(load_embedding(folder), pictures,
                                   requests + [(1, "fc7", 0), (2, "conv9_1", 0)], batch_size=2)
@@ -280,7 +269,7 @@ def figures(ctx, top_k: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, vgg):
+def world(tmp_path_factory, vgg, helpers):
     """The image folder, its embedding (features X) and an ImageNet one (XI) of the same network next to a copy of
     it, with two decoys sorted first; the conv channels are chosen lively on all 18 pictures."""
     root = tmp_path_factory.mktemp("world")
@@ -288,7 +277,7 @@ def world(tmp_path_factory, vgg):
     pictures = [Image.open(root / "images" / p).convert("RGB") for p in paths]
     inet = [Image.open(root / "imagenet" / p).convert("RGB") for p in inet_paths]
     layers = ["conv2_1", "conv1_2", "conv3_1", "conv1_1"]  # of F0, F2, F3, F4
-    maps = conv_maps(vgg, pictures + inet, layers)
+    maps = conv_maps(vgg, helpers.vgg19_conv_relus(vgg), pictures + inet, layers)
     ch = {layer: lively_channel(m) for layer, m in maps.items()}
     names = [f"conv2_1:{ch['conv2_1']}", "fc7:11", f"conv1_2:{ch['conv1_2']}", f"conv3_1:{ch['conv3_1']}",
              f"conv1_1:{ch['conv1_1']}", "fc7:4000", "conv5_4:7"]

@@ -86,19 +86,13 @@ def test_pooling_option_pools_each_crop_then_averages_the_crops(option):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_model_vgg19_reads_the_relus_after_the_16_convs_and_fc7():
+def test_model_vgg19_reads_the_relus_after_the_16_convs_and_fc7(helpers):
     """``model=vgg19``: the graph nodes are the ReLUs that follow each conv of torchvision's VGG19 and fc7's ReLU
     (classifier.4), named conv<block>_<i> (paper Table 1); ImageNet weights from torchvision's own URL."""
     ms = models.spec(_compose("model=vgg19").model)
     with torch.device("meta"):
         net = torchvision.models.vgg19(weights=None)
-    layers, block, i = {}, 1, 0
-    for idx, module in enumerate(net.features):
-        if isinstance(module, torch.nn.MaxPool2d):
-            block, i = block + 1, 0
-        elif isinstance(module, torch.nn.ReLU):
-            i += 1
-            layers[f"features.{idx}"] = f"conv{block}_{i}"
+    layers = {node: name for name, node in helpers.vgg19_conv_relus(net).items()}
     assert isinstance(net.classifier[4], torch.nn.ReLU)  # fc6, ReLU, Dropout, fc7, ReLU
     layers["classifier.4"] = "fc7"
     assert ms.name == "vgg19" and ms.nodes == layers and len(layers) == 17
