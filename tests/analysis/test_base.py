@@ -80,10 +80,14 @@ def test_instantiate_callbacks_in_order_skipping_entries_without_target():
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"_target_": "featstudy.analysis.nope.Nope"}, r"analysis\.callbacks\.bad: cannot instantiate"),
+    ({"_target_": "featstudy.analysis.nope.Nope"}, r"analysis\.callbacks\.bad: cannot instantiate "
+                                                   r"featstudy\.analysis\.nope\.Nope \(Error loading"),
     ({"_target_": "collections.OrderedDict"}, r"analysis\.callbacks\.bad: collections\.OrderedDict is not an "
                                               r"AnalysisCallback"),
-    ({"_target_": "featstudy.analysis.null.NullCallback", "q": 2}, r"analysis\.callbacks\.bad: cannot instantiate"),
+    # the cause's own line is kept: the callback's message naming its key
+    ({"_target_": "featstudy.analysis.null.NullCallback", "q": 2},
+     r"^analysis\.callbacks\.bad: cannot instantiate featstudy\.analysis\.null\.NullCallback "
+     r"\(analysis\.callbacks\.null\.q=2: must be in \(0, 1\)\)$"),
 ])
 def test_bad_callback_blocks_are_one_config_error(block, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -55,6 +55,8 @@ def test_shares_and_table(tiny):
                       "null_significant_share.conv1_1", "null_significant_share.conv5_4", "null_significant_share.fc7"}
     d = oracle.signed_d(tiny.features, tiny.labels, 3)[0]
     np.testing.assert_allclose(result.objects["q"], q_values(d), rtol=1e-9)
+    p = np.vectorize(lambda v: p_exact(float(abs(v))))(d)
+    np.testing.assert_allclose(result.objects["p"], p, rtol=1e-12)
     path = tiny.out / "tables" / "null_by_layer.csv"
     assert result.files == [path]
     with open(path, newline="") as fh:
@@ -64,6 +66,18 @@ def test_shares_and_table(tiny):
     table = result.tables["tables/null_by_layer.json"]
     assert table["n_pairs"] == [9, 6, 9] and table["n_q_below_0.05"] == [4, 1, 2]
     assert table["share"] == pytest.approx([4 / 9, 1 / 6, 2 / 9])
+
+
+def test_a_q_value_equal_to_the_level_is_not_significant(tiny):
+    """BH keeps q < level, strictly: at level = the seven pairs' own q-value (2/495 * 24/7) none is significant."""
+    # the boundary input is the callback's own float for that q (scipy's differs in the last bit); the expectation
+    # (nothing significant at level == q) comes from the definition, not from the code
+    level = float(NullCallback().run(tiny.context()).objects["q"].min())
+    assert level == pytest.approx(2 / 495 * 24 / 7, rel=1e-12)
+    result = NullCallback(q=level).run(tiny.context())
+    assert result.metrics["null_significant_share"] == 0.0
+    assert NullCallback(q=level * (1 + 1e-9)).run(tiny.context()).metrics["null_significant_share"] == \
+        pytest.approx(7 / 24)
 
 
 def test_the_fdr_level_is_used(tiny):

@@ -242,3 +242,33 @@ def test_fig6_only_high_layers_gives_one_panel():
     (ax,) = fig.axes
     assert ax.get_title() == "conv5_4+fc7"
     assert ax.get_lines()[0].get_ydata()[[25, 75]] == pytest.approx([50.0, 50.0])  # -.5 -> bin 25, .5 -> bin 75
+
+
+# -- what a reader reads besides the data: axis ranges, the zero line, default colours, empty groups -------------
+def test_fig5_axes_span_all_of_d_and_draw_the_zero_line(tiny, tiny_d):
+    d, layers_of = tiny_d
+    ax = plots.fig5_modes({"tiny": (d, layers_of)}, tiny.layers).axes[0]
+    assert ax.get_ylim() == (-1.0, 1.0)
+    zero = [line for line in ax.get_lines() if list(line.get_ydata()) == [0, 0]]
+    assert len(zero) == 1 and list(zero[0].get_xdata()) == [0, 1]  # axhline(0): y = 0 across the axes
+    assert ax.get_title() == "D+ and D- per layer"
+
+
+def test_fig6_default_colours_xlim_and_a_dataset_without_the_group(tiny, tiny_d):
+    """Default colours are the module's dataset palette in order (green, orange: never blue, which fig8 keeps
+    for ImageNet); a dataset with no feature in a group draws no line there (no NaN curve)."""
+    d, layers_of = tiny_d
+    low_only = (d[:3], layers_of[:3])  # conv1_1 only
+    fig = plots.fig6_distributions({"tiny": (d, layers_of), "low": low_only}, tiny.layers)
+    low_ax, high_ax = fig.axes
+    assert [to_rgba(line.get_color()) for line in low_ax.get_lines()] == [to_rgba("tab:green"), to_rgba("tab:orange")]
+    assert [line.get_label() for line in high_ax.get_lines()] == ["tiny"]
+    assert low_ax.get_xlim() == (-1.0, 1.0) == high_ax.get_xlim()
+    assert len(fig.axes) == 2 and low_ax.get_subplotspec().get_geometry()[:2] == (1, 2)
+
+
+def test_split_low_high_by_name_not_by_position():
+    # the paper's high layers are found by name wherever they are; without them the last two are high
+    assert plots.split_low_high(["fc7", "conv1_1", "conv5_4", "conv2_1"]) == (["conv1_1", "conv2_1"],
+                                                                               ["fc7", "conv5_4"])
+    assert plots.split_low_high(["a", "b", "c"]) == (["a"], ["b", "c"])

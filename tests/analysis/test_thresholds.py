@@ -49,6 +49,10 @@ def test_metrics_equal_the_hand_derivation(tiny):
     result = ThresholdsCallback().run(tiny.context())
     m = result.metrics
     assert m["t_plus"] == 0.375 and m["t_minus"] == -0.375
+    th = result.objects["thresholds"]
+    assert (th.t_plus, th.t_minus) == (0.375, -0.375) and th.real_counts_plus.shape == (3, 1001)
+    assert result.objects["kept"] == pytest.approx({"conv1_1": 2 / 3, "conv5_4": 2 / 3, "fc7": 1 / 3})
+    assert result.objects["kept_random"] == pytest.approx({"conv1_1": 2 / 9, "conv5_4": 1 / 6, "fc7": 0.0})
     assert m["d_avg_t_plus"] == pytest.approx(5 / 3, abs=1e-12)
     assert m["d_avg_t_minus"] == pytest.approx(5 / 3, abs=1e-12)
     assert m["n_irrelevant_features"] == 3
@@ -72,7 +76,7 @@ def test_d_avg_curves_steps_and_values(tiny):
     result = ThresholdsCallback().run(tiny.context())
     for name, col in (("d_avg_plus", 1), ("d_avg_minus", 2)):
         steps, values = result.series[name]
-        assert steps.tolist() == list(range(1001))  # x = step / 1000
+        assert steps.tolist() == list(range(1001)) and steps.dtype.kind == "i"  # x = step / 1000, integer steps
         grid, *curves = oracle.d_avg(oracle.signed_d(tiny.features, tiny.labels, 3)[0],
                                      oracle.d_random(tiny.features, tiny.labels, 3, 1, 0))
         np.testing.assert_allclose(values, curves[col - 1], rtol=0, atol=1e-12)
@@ -146,9 +150,10 @@ def test_analysis_layers_subset(tiny):
     assert read_csv(tiny.out / "tables" / "table4.csv")[1][6] == "5"
 
 
-@pytest.mark.parametrize("permutations, seed", [(2, 0), (3, 5), (1, 1)])
+@pytest.mark.parametrize("permutations, seed", [(2, 0), (3, 5), (1, 1), (1, 3), (2, 7)])
 def test_every_metric_against_the_oracle(tiny, permutations, seed):
-    """Any K and seed: every metric equals an independent computation (scipy D, brute-force Eq. 4, counting)."""
+    """Any K and seed: every metric equals an independent computation (scipy D, brute-force Eq. 4, counting).
+    With (1, 3) and (2, 7) some real D lie exactly on t+ (.25 / .375) and on t- (-.5): strictly beyond is kept."""
     ctx = tiny.context(permutations=permutations, seed=seed, bins=None)
     m = ThresholdsCallback().run(ctx).metrics
     real = oracle.signed_d(tiny.features, tiny.labels, 3)[0]
@@ -181,12 +186,25 @@ def test_binned_d_feeds_the_thresholds(tiny):
     span = np.where(hi > lo, hi - lo, 1.0)
     idx = np.clip(np.floor((x - lo) / span * 2), 0, 1)
     m = ThresholdsCallback().run(tiny.context(bins=2)).metrics
+    assert read_csv(tiny.out / "tables" / "table4.csv")[1][-1] == "2"
     expect = oracle.thresholds(oracle.signed_d(idx, tiny.labels, 3)[0], oracle.d_random(idx, tiny.labels, 3, 1, 0))
     assert (m["t_plus"], m["t_minus"]) == (expect["t_plus"], expect["t_minus"])
     assert m["d_avg_t_plus"] == pytest.approx(expect["d_avg_t_plus"])
 
 
-@pytest.mark.parametrize("step", [0, -0.1, 0.2])
+@pytest.mark.parametrize("step", [0, -0.1, 0.2, 0.1000001])
 def test_bad_step_is_a_config_error_naming_the_key(step):
     with pytest.raises(ConfigError, match=r"analysis\.callbacks\.thresholds\.step"):
         ThresholdsCallback(step=step)
+    assert ThresholdsCallback(step=0.1).step == 0.1  # the bound itself is allowed
+
+
+def test_analysis_settings_default_to_one_permutation_and_exact(tiny):
+    """An analysis mapping without ``permutations``/``seed``/``bins`` (e.g. a notebook's): K = 1, seed 0, exact."""
+    from featstudy.analysis import AnalysisContext
+    from featstudy.store import load_embedding
+
+    ctx = AnalysisContext(load_embedding(tiny.folder), {}, tiny.out, "tiny")
+    m = ThresholdsCallback().run(ctx).metrics
+    assert (m["t_plus"], m["t_minus"]) == (0.375, -0.375)  # the hand derivation above (K = 1, seed 0, exact)
+    assert read_csv(tiny.out / "tables" / "table4.csv")[1][-2:] == ["1", "exact"]

@@ -71,11 +71,11 @@ class ThresholdsCallback(AnalysisCallback):
         }
 
         layer_of = ctx.layer_of_feature
-        irrelevant = np.asarray(stats.irrelevant_features(ks.d, t_plus, t_minus), dtype=bool)
+        irrelevant = stats.irrelevant_features(ks.d, t_plus, t_minus)
         metrics["n_irrelevant_features"] = float(irrelevant.sum())
-        # one threshold only: a bound no D can pass disables the other side (D lies in [-1, 1])
-        metrics["n_irrelevant_features_t_plus_only"] = float(np.sum(stats.irrelevant_features(ks.d, t_plus, -1.0)))
-        metrics["n_irrelevant_features_t_minus_only"] = float(np.sum(stats.irrelevant_features(ks.d, 1.0, t_minus)))
+        # one threshold only (§5.5): no class has D > t+ (resp. D < t-), whatever the other side
+        metrics["n_irrelevant_features_t_plus_only"] = float(np.sum(~(ks.d > t_plus).any(axis=1)))
+        metrics["n_irrelevant_features_t_minus_only"] = float(np.sum(~(ks.d < t_minus).any(axis=1)))
         kept = stats.kept_fraction_by_layer(ks.d, t_plus, t_minus, layer_of)
         kept_random = stats.kept_fraction_by_layer(d_random, t_plus, t_minus, layer_of)  # over all K x F x C
         rows = []
@@ -91,19 +91,18 @@ class ThresholdsCallback(AnalysisCallback):
         metrics["kept_fraction"] = float(kept_all.mean())
         metrics["kept_fraction_random"] = float(kept_all_random.mean())
 
-        grid = np.asarray(th.grid, dtype=float)
+        grid = th.grid
         steps = np.rint(grid * 1000).astype(np.int64)  # x in thousandths of D
         result = CallbackResult(
             metrics=metrics,
-            series={"d_avg_plus": (steps, np.asarray(th.d_avg_plus, float)),
-                    "d_avg_minus": (steps, np.asarray(th.d_avg_minus, float))},
+            series={"d_avg_plus": (steps, th.d_avg_plus), "d_avg_minus": (steps, th.d_avg_minus)},
             objects={"thresholds": th, "irrelevant": irrelevant, "kept": kept, "kept_random": kept_random})
         bins = ctx.analysis.get("bins")
         write_table(result, ctx.path("tables/table4.csv"), TABLE4_HEADER, [[
             ctx.dataset, t_plus, float(th.d_avg_t_plus), t_minus, float(th.d_avg_t_minus), len(ks.classes),
             int(ks.d.shape[0]), int(ctx.analysis.get("permutations", 1)), "exact" if bins is None else int(bins)]])
         write_table(result, ctx.path("tables/table3.csv"), ["layer", "n_features", "analysed"],
-                    table3_rows([n.rsplit(":", 1)[0] for n in ctx.embedding.feature_names], set(ctx.layers)))
+                    table3_rows(ctx.embedding.layer_of_feature.tolist(), set(ctx.layers)))
         write_table(result, ctx.path("tables/irrelevant_by_layer.csv"),
                     ["layer", "n_features", "n_irrelevant", "kept_fraction", "kept_fraction_random"], rows)
         write_table(result, ctx.path("tables/d_avg.csv"), ["x", "d_avg_plus", "d_avg_minus"],
