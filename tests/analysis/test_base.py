@@ -42,18 +42,24 @@ def test_statistics_are_computed_once_for_all_callbacks(tiny, monkeypatch):
     from featstudy import stats
 
     calls = {"signed_ks": 0, "signed_ks_random": 0}
+    kwargs = {}
     for name in calls:
         real = getattr(stats, name)
 
         def counting(*a, _real=real, _name=name, **k):
             calls[_name] += 1
+            kwargs[_name] = k
             return _real(*a, **k)
 
         monkeypatch.setattr(stats, name, counting)
-    ctx = tiny.context(permutations=2, seed=1)
+    ctx = tiny.context(permutations=2, seed=1, chunk_size=3)
     for cb in (KSCallback(), ThresholdsCallback(), NullCallback()):
         cb.run(ctx)
     assert calls == {"signed_ks": 1, "signed_ks_random": 1}
+    # analysis.chunk_size reaches the engine (memory), no progress bar inside a job's log
+    assert kwargs["signed_ks"] == {"bins": None, "chunk_size": 3, "progress": False}
+    assert kwargs["signed_ks_random"] == {"permutations": 2, "seed": 1, "bins": None, "chunk_size": 3,
+                                          "progress": False}
     assert ctx.seconds("ks") is not None and ctx.seconds("ks_random") is not None
     np.testing.assert_array_equal(ctx.d_random(), oracle.d_random(tiny.features, tiny.labels, 3, 2, 1))
 
@@ -95,7 +101,7 @@ def test_bad_callback_blocks_are_one_config_error(block, message):
     assert "\n" not in str(info.value)
 
 
-def test_a_class_without_images_shifts_no_name(tmp_path):
+def test_a_class_without_images_shifts_no_name(tmp_path, caplog):
     """classes.txt names a, b, c but no image is labelled b (all unreadable): D has two columns, named a and c, and
     the labels index those columns (fig1/fig3 pick class members by column)."""
     from featstudy.analysis import AnalysisContext
@@ -106,8 +112,11 @@ def test_a_class_without_images_shifts_no_name(tmp_path):
     folder = write_embedding(tmp_path / "e", features=x, labels=stored, classes=["a", "b", "c"],
                              paths=[f"{i}.png" for i in range(7)], feature_names=["fc7:0"], meta={})
     ctx = AnalysisContext(load_embedding(folder), {"bins": None, "permutations": 1, "seed": 0}, tmp_path / "o", "t")
-    assert ctx.classes == ["a", "c"]
-    assert ctx.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    with caplog.at_level("WARNING", logger="featstudy.analysis.base"):
+        assert ctx.classes == ["a", "c"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "classes without any image are left out of the analysis: ['b']"]
+    assert ctx.labels.tolist() == [0, 0, 0, 0, 1, 1, 1] and ctx.labels.dtype == np.int64
     # by hand: a's values (0..3) lie entirely below c's (10..12): D(a) = -1, D(c) = +1
     assert ctx.ks().d.tolist() == [[-1.0, 1.0]]
     KSCallback().run(ctx)

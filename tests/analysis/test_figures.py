@@ -289,3 +289,32 @@ def test_dpi_scales_the_png(tiny):
 def test_bad_options_name_the_key(options, key):
     with pytest.raises(ConfigError, match=rf"analysis\.callbacks\.figures\.{key}"):
         FiguresCallback(**options)
+
+
+# -- what a reader reads besides the data ---------------------------------------------------------------------------
+def test_fig9_fig10_fig1_legends_axes_and_widths_a_reader_relies_on(tiny):
+    """Legend swatches have the curves' colours (black classes, red randomized), the t+ line is blue and dashed;
+    fig9's x spans [0, 1] with counts from 0; fig10's y spans 0-100 %, its two bars of 0.4 do not overlap;
+    fig1's inter-class bars are blue, intra-class orange, as its legend says."""
+    _, figs = draw(tiny, ["fig1", "fig9", "fig10"], permutations=2, seed=0)
+    ax9 = figs["fig9"].axes[0]
+    handles = ax9.get_legend().legend_handles
+    assert [to_rgba(h.get_color()) for h in handles] == [to_rgba("black"), to_rgba("red"), to_rgba("tab:blue")]
+    assert handles[2].get_linestyle() == "--"
+    assert ax9.get_xlim() == (0.0, 1.0) and ax9.get_ylim()[0] == 0.0 and ax9.get_xlabel() == "x"
+    ax10 = figs["fig10"].axes[0]
+    assert ax10.get_ylim() == (0.0, 100.0)
+    assert ax10.get_ylabel() == "% of pairs kept (D > t+ or D < t-)"
+    assert all(p.get_width() == pytest.approx(0.4) for bars in ax10.containers for p in bars.patches)
+    ax1 = figs["fig1"].axes[0]
+    inter, intra = ax1.containers
+    assert all(to_rgba(p.get_facecolor())[:3] == to_rgba("tab:blue")[:3] for p in inter.patches)
+    assert all(to_rgba(p.get_facecolor())[:3] == to_rgba("tab:orange")[:3] for p in intra.patches)
+    assert [t.get_text().split(" (")[0] for t in ax1.get_legend().get_texts()] == ["inter-class", "intra-class"]
+
+
+def test_default_which_is_every_figure_and_fig1_needs_both_names(tiny):
+    assert FiguresCallback().which == ["fig1", "fig2", "fig3", "fig5", "fig6", "fig9", "fig10"]
+    # only one of the pair given: an error naming the missing one, never the default pair in silence
+    with pytest.raises(ConfigError, match=r"analysis\.callbacks\.figures\.fig1_class=None"):
+        draw(tiny, ["fig1"], fig1_feature="conv1_1:0")

@@ -69,7 +69,19 @@ def test_metrics_names_and_values(tiny):
     assert {k: m[k] for k in ("n_images", "n_classes", "n_features")} == {"n_images": 12, "n_classes": 3,
                                                                            "n_features": 8}
     assert set(m) == {"n_images", "n_classes", "n_features", "ks_seconds", "ks_random_seconds"}
-    assert m["ks_seconds"] >= 0 and m["ks_random_seconds"] >= 0
+    assert 0 <= m["ks_seconds"] < 60 and 0 <= m["ks_random_seconds"] < 60  # durations, not clock readings
+    np.testing.assert_array_equal(result.objects["ks"].d, D_BY_HAND)
+    np.testing.assert_array_equal(result.objects["d_random"], oracle.d_random(tiny.features, tiny.labels, 3, 1, 0))
+
+
+def test_missing_settings_are_one_permutation_seed_0_exact(tiny):
+    from featstudy.analysis import AnalysisContext
+    from featstudy.store import load_embedding
+
+    KSCallback().run(AnalysisContext(load_embedding(tiny.folder), {}, tiny.out, "tiny"))
+    z = npz(tiny.out / "arrays" / "ks.npz")
+    assert (int(z["permutations"]), int(z["seed"]), int(z["bins"])) == (1, 0, -1)
+    np.testing.assert_array_equal(z["d_random"], oracle.d_random(tiny.features, tiny.labels, 3, 1, 0))
 
 
 def test_layers_subset_and_binned(tiny):

@@ -76,6 +76,12 @@ def test_a_q_value_equal_to_the_level_is_not_significant(tiny):
     assert level == pytest.approx(2 / 495 * 24 / 7, rel=1e-12)
     result = NullCallback(q=level).run(tiny.context())
     assert result.metrics["null_significant_share"] == 0.0
+    # the randomized side too: a permutation whose D table is the real one has the same q-values
+    ctx = GivenRandom(load_embedding(tiny.folder), {"bins": None, "permutations": 1, "seed": 0, "layers": None},
+                      tiny.out, "tiny")
+    ctx.given = oracle.signed_d(tiny.features, tiny.labels, 3)[0][None]
+    at_level = NullCallback(q=level).run(ctx)
+    assert at_level.metrics["null_significant_share_random"] == 0.0 and at_level.objects["shares_random"] == [0.0]
     assert NullCallback(q=level * (1 + 1e-9)).run(tiny.context()).metrics["null_significant_share"] == \
         pytest.approx(7 / 24)
 
