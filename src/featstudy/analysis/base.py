@@ -113,7 +113,8 @@ class AnalysisContext:
             return
         present, labels = np.unique(self.embedding.labels, return_inverse=True)
         names = self.embedding.classes
-        empty = [names[i] for i in range(len(names)) if i not in set(present.tolist())]
+        have = set(present.tolist())
+        empty = [name for i, name in enumerate(names) if i not in have]
         if empty:
             log.warning("classes without any image are left out of the analysis: %s", empty)
         self._cache["classes"] = [names[i] for i in present]
