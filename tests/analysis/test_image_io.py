@@ -311,26 +311,27 @@ def check_activating(strip, world, f, values, pictures, maps, red):
         assert np.array_equal(cell(strip, j), expected_cell(pictures[r], world["names"][f], maps, r)), (f, r)
 
 
-def test_fig2_shows_the_top_features_by_d_plus_and_their_top_images(world):
-    fig = world["figs"]["fig2"]
-    assert fig._suptitle.get_text() == "tinyfolder: top 4 features by D+ (activating images from tinyfolder)"
-    assert len(fig.axes) == len(FIG2)
-    for ax, (f, c, d) in zip(fig.axes, FIG2):
+def check_top_rows(world, name: str, sign: str, expected, cells: int):
+    """Figure ``name``: its title, one row per expected (feature, class, D) with its label and its 3 activating
+    images; yields (axes, class, strip) for further checks."""
+    fig = world["figs"][name]
+    assert fig._suptitle.get_text() == f"tinyfolder: top 4 features by {sign} (activating images from tinyfolder)"
+    assert len(fig.axes) == len(expected)
+    for ax, (f, c, d) in zip(fig.axes, expected):
         check_label(ax, world, f, c, d)
         strip = np.asarray(ax.images[0].get_array())
-        assert strip.shape == (THUMB, 3 * (THUMB + 4), 3) and not ax.texts  # no class samples in figure 2
+        assert strip.shape == (THUMB, cells * (THUMB + 4), 3)
         check_activating(strip, world, f, X, world["pictures"], world["maps"], own_red)
+        yield ax, c, strip
+
+
+def test_fig2_shows_the_top_features_by_d_plus_and_their_top_images(world):
+    for ax, _, _ in check_top_rows(world, "fig2", "D+", FIG2, 3):
+        assert not ax.texts  # no class samples in figure 2
 
 
 def test_fig3_shows_the_top_features_by_d_minus_then_samples_of_the_class(world):
-    fig = world["figs"]["fig3"]
-    assert fig._suptitle.get_text() == "tinyfolder: top 4 features by D- (activating images from tinyfolder)"
-    assert len(fig.axes) == len(FIG3)
-    for ax, (f, c, d) in zip(fig.axes, FIG3):
-        check_label(ax, world, f, c, d)
-        strip = np.asarray(ax.images[0].get_array())
-        assert strip.shape == (THUMB, 6 * (THUMB + 4), 3)  # 3 activating, a gap, 2 class samples
-        check_activating(strip, world, f, X, world["pictures"], world["maps"], own_red)
+    for ax, c, strip in check_top_rows(world, "fig3", "D-", FIG3, 6):  # 3 activating, a gap, 2 class samples
         assert (cell(strip, 3) == 255).all()
         first = [4 * c, 4 * c + 1]  # the class's first two rows, whole images (squeezed to a square)
         assert [red_of(cell(strip, 4 + m)) for m in range(2)] == [own_red(r) for r in first]
