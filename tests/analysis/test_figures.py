@@ -302,7 +302,9 @@ def test_fig9_fig10_fig1_legends_axes_and_widths_a_reader_relies_on(tiny):
     assert [to_rgba(h.get_color()) for h in handles] == [to_rgba("black"), to_rgba("red"), to_rgba("tab:blue")]
     assert handles[2].get_linestyle() == "--"
     assert ax9.get_xlim() == (0.0, 1.0) and ax9.get_ylim()[0] == 0.0 and ax9.get_xlabel() == "x"
+    assert ax9.get_title() == "tiny: D+ per class"
     ax10 = figs["fig10"].axes[0]
+    assert ax10.get_title() == "tiny: pairs kept by t+ / t-"
     assert ax10.get_ylim() == (0.0, 100.0)
     assert ax10.get_ylabel() == "% of pairs kept (D > t+ or D < t-)"
     assert all(p.get_width() == pytest.approx(0.4) for bars in ax10.containers for p in bars.patches)

@@ -258,11 +258,13 @@ def test_fig6_default_colours_xlim_and_a_dataset_without_the_group(tiny, tiny_d)
     """Default colours are the module's dataset palette in order (green, orange: never blue, which fig8 keeps
     for ImageNet); a dataset with no feature in a group draws no line there (no NaN curve)."""
     d, layers_of = tiny_d
-    low_only = (d[:3], layers_of[:3])  # conv1_1 only
-    fig = plots.fig6_distributions({"tiny": (d, layers_of), "low": low_only}, tiny.layers)
+    low_only = (d[:3], layers_of[:3])  # conv1_1 only, and first: the datasets after it are still drawn
+    fig = plots.fig6_distributions({"low": low_only, "tiny": (d, layers_of)}, tiny.layers)
     low_ax, high_ax = fig.axes
     assert [to_rgba(line.get_color()) for line in low_ax.get_lines()] == [to_rgba("tab:green"), to_rgba("tab:orange")]
     assert [line.get_label() for line in high_ax.get_lines()] == ["tiny"]
+    assert to_rgba(high_ax.get_lines()[0].get_color()) == to_rgba("tab:orange")  # its colour in both panels
+    assert fig._suptitle is None  # no title given, none drawn
     assert low_ax.get_xlim() == (-1.0, 1.0) == high_ax.get_xlim()
     assert len(fig.axes) == 2 and low_ax.get_subplotspec().get_geometry()[:2] == (1, 2)
 

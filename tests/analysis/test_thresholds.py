@@ -156,6 +156,7 @@ def test_every_metric_against_the_oracle(tiny, permutations, seed):
     With (1, 3) and (2, 7) some real D lie exactly on t+ (.25 / .375) and on t- (-.5): strictly beyond is kept."""
     ctx = tiny.context(permutations=permutations, seed=seed, bins=None)
     m = ThresholdsCallback().run(ctx).metrics
+    assert read_csv(tiny.out / "tables" / "table4.csv")[1][-2:] == [str(permutations), "exact"]
     real = oracle.signed_d(tiny.features, tiny.labels, 3)[0]
     rand = oracle.d_random(tiny.features, tiny.labels, 3, permutations, seed)
     expect = oracle.thresholds(real, rand)
