@@ -320,3 +320,27 @@ def test_default_which_is_every_figure_and_fig1_needs_both_names(tiny):
     # only one of the pair given: an error naming the missing one, never the default pair in silence
     with pytest.raises(ConfigError, match=r"analysis\.callbacks\.figures\.fig1_class=None"):
         draw(tiny, ["fig1"], fig1_feature="conv1_1:0")
+
+
+def test_fig2_fig3_files_add_to_the_others_and_unreadable_images_are_grey_cells(tiny):
+    """The tiny embedding's images cannot be opened (no dataset root): fig2/fig3 still draw their rows, every image
+    cell light grey (225), gaps white; their files come after fig1's, none lost."""
+    result, figs = draw(tiny, ["fig1", "fig2", "fig3"], formats=["png"], top_k=2, n_images=2, n_class_images=1)
+    assert [p.name for p in result.files] == ["fig1.png", "fig2.png", "fig3.png"]
+    strip = np.asarray(figs["fig3"].axes[0].images[0].get_array())
+    size = 32  # no image: the default cell size
+    cells = [strip[:, j * (size + 4): j * (size + 4) + size] for j in range(4)]  # 2 activating, gap, 1 class sample
+    assert all((cells[j] == 225).all() for j in (0, 1, 3)) and (cells[2] == 255).all()
+
+
+def test_top_features_tiles_grey_for_missing_and_grey_level_images_in_three_channels():
+    from featstudy.analysis import plots
+
+    grey_level = np.full((8, 8), 77, np.uint8)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    fig = plots.fig_top_features([{"label": "f", "images": [grey_level, None, rgb]}], "t")
+    strip = np.asarray(fig.axes[0].images[0].get_array())
+    assert strip.shape == (8, 3 * 12, 3)
+    assert (strip[:, 0:8] == 77).all() and (strip[:, 12:20] == 225).all() and (strip[:, 24:32] == rgb).all()
+    assert (strip[:, 8:12] == 255).all()  # the gap between cells stays white
