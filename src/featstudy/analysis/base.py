@@ -169,6 +169,19 @@ class AnalysisContext:
         key = f"thresholds@{step}"
         return self._timed(key, lambda: stats.thresholds(self.ks().d, self.d_random(), step=step))
 
+    def kept_by_layer(self, step: float = 0.001) -> tuple[dict[str, float], dict[str, float]]:
+        """Per layer, the share of (feature, class) pairs with D > t+ or D < t- (paper Fig. 10), real labels and
+        randomized ones (over all K permutations); :func:`featstudy.stats.kept_fraction_by_layer`."""
+        from featstudy import stats
+
+        def both() -> tuple[dict[str, float], dict[str, float]]:
+            th = self.thresholds(step)
+            bounds = (th.t_plus, th.t_minus, self.layer_of_feature)
+            return (stats.kept_fraction_by_layer(self.ks().d, *bounds),
+                    stats.kept_fraction_by_layer(self.d_random(), *bounds))
+
+        return self._timed(f"kept@{step}", both)
+
     def seconds(self, key: str) -> float | None:
         return self._cache.get(f"{key}_seconds")
 

@@ -75,15 +75,16 @@ class FiguresCallback(AnalysisCallback):
         self.fig1_class = None if fig1_class is None else str(fig1_class)
         self.step = float(step)
 
-    def _save(self, ctx: AnalysisContext, fig, name: str) -> list[Path]:
-        self._drawn[name] = fig
+    def _save(self, ctx: AnalysisContext, drawn: dict, fig, name: str) -> list[Path]:
+        """Write ``fig`` in every format and keep it in ``drawn`` (returned in ``objects["figures"]``)."""
+        drawn[name] = fig
         return plots.save_figure(fig, ctx.output_dir / "figures", name, self.formats, self.dpi)
 
     def run(self, ctx: AnalysisContext) -> CallbackResult:
         ks = ctx.ks()
         d = np.asarray(ks.d)
         files: list[Path] = []
-        self._drawn: dict = {}
+        drawn: dict = {}
         title = f"{ctx.dataset}"
         if "fig1" in self.which:
             f, c = self._fig1_pair(ctx, d)
@@ -92,40 +93,35 @@ class FiguresCallback(AnalysisCallback):
             fig = plots.fig1_histograms(np.asarray(col[in_c]), np.asarray(col[~in_c]),
                                         f"{ctx.dataset}: feature {ctx.feature_names[f]}, class {ctx.classes[c]} "
                                         f"(D = {d[f, c]:+.3f})")
-            files += self._save(ctx, fig, "fig1")
+            files += self._save(ctx, drawn, fig, "fig1")
         if "fig2" in self.which or "fig3" in self.which:
             from featstudy.analysis import images
 
             source = images.activation_source(ctx)
             if "fig2" in self.which:
                 rows = self._top_rows(ctx, d, source, positive=True)
-                files += self._save(ctx, plots.fig_top_features(
+                files += self._save(ctx, drawn, plots.fig_top_features(
                     rows, f"{ctx.dataset}: top {len(rows)} features by D+ ({source.description})"), "fig2")
             if "fig3" in self.which:
                 rows = self._top_rows(ctx, d, source, positive=False)
-                files += self._save(ctx, plots.fig_top_features(
+                files += self._save(ctx, drawn, plots.fig_top_features(
                     rows, f"{ctx.dataset}: top {len(rows)} features by D- ({source.description})"), "fig3")
         per_dataset = {ctx.dataset: (d, ctx.layer_of_feature)}
         if "fig5" in self.which:
-            files += self._save(ctx, plots.fig5_modes(per_dataset, ctx.layers), "fig5")
+            files += self._save(ctx, drawn, plots.fig5_modes(per_dataset, ctx.layers), "fig5")
         if "fig6" in self.which:
-            files += self._save(ctx, plots.fig6_distributions(per_dataset, ctx.layers, title=title), "fig6")
+            files += self._save(ctx, drawn, plots.fig6_distributions(per_dataset, ctx.layers, title=title), "fig6")
         if "fig9" in self.which or "fig10" in self.which:
             th = ctx.thresholds(self.step)
             if "fig9" in self.which:
-                files += self._save(ctx, plots.fig9_counts(th.grid, th.real_counts_plus, th.random_counts_plus,
-                                                           float(th.t_plus), f"{title}: D+ per class"), "fig9")
+                fig = plots.fig9_counts(th.grid, th.real_counts_plus, th.random_counts_plus, float(th.t_plus),
+                                        f"{title}: D+ per class")
+                files += self._save(ctx, drawn, fig, "fig9")
             if "fig10" in self.which:
-                from featstudy import stats
-
-                d_random = ctx.d_random()
-                k, f, c = d_random.shape
-                kept = stats.kept_fraction_by_layer(d, th.t_plus, th.t_minus, ctx.layer_of_feature)
-                kept_random = stats.kept_fraction_by_layer(np.transpose(d_random, (1, 0, 2)).reshape(f, k * c),
-                                                           th.t_plus, th.t_minus, ctx.layer_of_feature)
-                files += self._save(ctx, plots.fig10_kept(ctx.layers, kept, kept_random,
-                                                          f"{title}: pairs kept by t+ / t-"), "fig10")
-        return CallbackResult(files=files, objects={"figures": self._drawn})
+                kept, kept_random = ctx.kept_by_layer(self.step)
+                fig = plots.fig10_kept(ctx.layers, kept, kept_random, f"{title}: pairs kept by t+ / t-")
+                files += self._save(ctx, drawn, fig, "fig10")
+        return CallbackResult(files=files, objects={"figures": drawn})
 
     def _fig1_pair(self, ctx: AnalysisContext, d: np.ndarray) -> tuple[int, int]:
         if self.fig1_feature is None and self.fig1_class is None:

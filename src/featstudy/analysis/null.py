@@ -34,8 +34,13 @@ class NullCallback(AnalysisCallback):
         from featstudy import stats
 
         ks = ctx.ks()
-        p = np.asarray(stats.ks_pvalues(np.abs(ks.d), ks.n_in, ks.n))
-        q = np.asarray(stats.bh_qvalues(p.ravel())).reshape(p.shape)
+
+        def p_and_q(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """KS p-values of one (F, C) table and their BH q-values over its F x C tests."""
+            p = np.asarray(stats.ks_pvalues(np.abs(d), ks.n_in, ks.n))
+            return p, np.asarray(stats.bh_qvalues(p.ravel())).reshape(p.shape)
+
+        p, q = p_and_q(ks.d)
         significant = q < self.q
         metrics = {"null_significant_share": float(significant.mean())}
         rows = []
@@ -47,8 +52,7 @@ class NullCallback(AnalysisCallback):
         # each permutation is a dataset of its own: BH over its F x C tests, as for the real labels; then the mean
         shares_random = []
         for d in ctx.d_random():
-            q_k = np.asarray(stats.bh_qvalues(np.asarray(stats.ks_pvalues(np.abs(d), ks.n_in, ks.n)).ravel()))
-            shares_random.append(float((q_k < self.q).mean()))
+            shares_random.append(float((p_and_q(d)[1] < self.q).mean()))
         metrics["null_significant_share_random"] = float(np.mean(shares_random))
         result = CallbackResult(metrics=metrics, objects={"p": p, "q": q, "shares_random": shares_random})
         write_table(result, ctx.path("tables/null_by_layer.csv"),

@@ -76,8 +76,7 @@ class ThresholdsCallback(AnalysisCallback):
         # one threshold only (§5.5): no class has D > t+ (resp. D < t-), whatever the other side
         metrics["n_irrelevant_features_t_plus_only"] = float(np.sum(~(ks.d > t_plus).any(axis=1)))
         metrics["n_irrelevant_features_t_minus_only"] = float(np.sum(~(ks.d < t_minus).any(axis=1)))
-        kept = stats.kept_fraction_by_layer(ks.d, t_plus, t_minus, layer_of)
-        kept_random = stats.kept_fraction_by_layer(d_random, t_plus, t_minus, layer_of)  # over all K x F x C
+        kept, kept_random = ctx.kept_by_layer(self.step)
         rows = []
         for layer in ctx.layers:
             in_layer = layer_of == layer
