@@ -364,3 +364,29 @@ def test_an_imagenet_embedding_of_the_same_network_supplies_the_activating_image
             check_activating(strip, world, f, XI, world["inet"], world["inet_maps"], inet_red)
             if name == "fig3":  # class samples stay the analysed dataset's
                 assert [red_of(cell(strip, 4 + m)) for m in range(2)] == [own_red(4 * c + m) for m in range(2)]
+
+
+def test_rows_after_a_skipped_image_still_show_their_own_images(tmp_path):
+    """Images 1 and 6 were unreadable (skipped): rows and dataset samples fall out of step after them, so row r is
+    the image ``paths.txt`` names, found by its path. Every cell of figures 2 and 3 must show the image of the row
+    it stands for (red = that image's id); a row number taken as a sample index shows a grey cell or a neighbour."""
+    paths = image_folder(tmp_path / "images")
+    kept = [i for i in range(12) if i not in (1, 6)]
+    ds = {"name": "imagefolder", "root": str(tmp_path / "images"), "split": "all"}
+    names = [f"fc7:{k}" for k in range(X.shape[1])]
+    emb = load_embedding(write(tmp_path / "e", X[kept], LABELS[kept], CLASSES, [paths[i] for i in kept], names, ds))
+    for row, image in enumerate(kept):
+        assert red_of(np.asarray(image_io.open_row(emb, row))) == own_red(image)
+    figs = figures(AnalysisContext(emb, {"bins": None, "layers": None}, tmp_path / "out", "tinyfolder"), 10)
+    for name in ("fig2", "fig3"):
+        assert figs[name].axes, name
+        for ax in figs[name].axes:
+            feature, klass = ax.get_ylabel().split("\n")[:2]
+            column = X[kept, int(feature.split(":")[1])]
+            strip = np.asarray(ax.images[0].get_array())
+            top = sorted(range(len(kept)), key=lambda r: -column[r])[:3]
+            assert [red_of(cell(strip, j)) for j in range(3)] == [own_red(kept[r]) for r in top], (name, feature)
+            if name == "fig3":
+                c = [n[:18] for n in CLASSES].index(klass)
+                first = [i for i in kept if LABELS[i] == c][:2]
+                assert [red_of(cell(strip, 4 + m)) for m in range(2)] == [own_red(i) for i in first]

@@ -52,20 +52,30 @@ def _dataset(emb_path: str) -> Any | None:
         return None
 
 
+@lru_cache(maxsize=4)
+def _sample_of_path(emb_path: str) -> dict[str, int]:
+    """``{relative path: sample index}`` of the rebuilt dataset ({} when it cannot be rebuilt)."""
+    ds = _dataset(emb_path)
+    return {} if ds is None else {str(path): i for i, (path, _) in enumerate(ds.samples)}
+
+
 def open_row(emb: Embedding, row: int) -> Any | None:
     """The RGB PIL image of row ``row`` of ``emb``, or None when the data cannot be read.
 
-    Rows are the dataset's samples in order; ``paths.txt`` is checked against the rebuilt dataset so a changed
-    dataset never shows the wrong image.
+    Row ``row`` is the image ``paths.txt`` names on line ``row``, looked up by that path in the rebuilt dataset:
+    rows and dataset samples fall out of step after the first skipped (unreadable) image, so the row number is
+    never taken as a sample index. A path the dataset no longer holds gives None (an empty cell), never another
+    image.
     """
     ds = _dataset(str(emb.path))
     if ds is None:
         return None
-    if row >= len(ds.samples) or ds.samples[row][0] != emb.paths[row]:
-        log.warning("figures: %s no longer matches the embedding's paths.txt (row %d)", ds, row)
+    sample = _sample_of_path(str(emb.path)).get(emb.paths[row])
+    if sample is None:
+        log.warning("figures: %s no longer holds %s (row %d of the embedding's paths.txt)", ds, emb.paths[row], row)
         return None
     try:
-        return ds.image(row)
+        return ds.image(sample)
     except Exception:  # noqa: BLE001 - unreadable image: an empty cell
         return None
 
