@@ -8,6 +8,7 @@ It returns ``(metrics, objects)`` so tests can call it without the CLI.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import signal
@@ -190,6 +191,12 @@ def _check_layers(cfg: DictConfig) -> None:
                           f"has {known}")
 
 
+def empty_classes(classes: list[str], labels: Any) -> list[str]:
+    """The names of ``classes`` that no row of ``labels`` holds (every image of theirs was unreadable), in order."""
+    present = set(int(label) for label in labels)
+    return [name for i, name in enumerate(classes) if i not in present]
+
+
 def _get_embedding(cfg: DictConfig) -> Any:
     """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
     from featstudy.extraction import get_embedding
@@ -235,15 +242,18 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     embedding = load_embedding(handle.path)
     shutil.copyfile(Path(handle.path) / "skipped.txt", output_dir / "skipped.txt")
     tracker.log_artifact(output_dir / "skipped.txt")
-    metrics: dict[str, float] = {"n_skipped_images": float(len(embedding.skipped))}
-    n_classes = len(set(embedding.labels.tolist()))
-    if n_classes < 2:
+    empty = empty_classes(embedding.classes, embedding.labels)
+    metrics: dict[str, float] = {"n_skipped_images": float(len(embedding.skipped)),
+                                 "n_empty_classes": float(len(empty))}
+    if empty:  # the context leaves them out of every array, table and figure (and warns, one line)
+        tracker.set_tags({"empty_classes": json.dumps(empty)})
+    if len(embedding.classes) - len(empty) < 2:
         from featstudy.errors import DataError
 
-        first = embedding.skipped[0] if embedding.skipped else "no skipped images"
-        raise DataError(f"dataset: the embedding {handle.key} holds {len(embedding.labels)} images of {n_classes} "
-                        f"class(es); the analysis needs two classes or more ({len(embedding.skipped)} images "
-                        f"skipped, first: {first})")
+        raise DataError(f"dataset.root: {cfg.dataset.get('root') or cfg.dataset.name}: class(es) {empty} have no "
+                        f"readable image (all skipped, see {Path(handle.path) / 'skipped.txt'}), which leaves "
+                        f"{len(embedding.classes) - len(empty)} class(es); the analysis compares classes, so it needs "
+                        "two classes or more: fix or remove those images")
     tracker.log_metrics(metrics)
 
     ctx = AnalysisContext(embedding, cfg.analysis, output_dir, str(cfg.dataset.name), cfg=cfg, handle=handle)

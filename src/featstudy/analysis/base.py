@@ -116,7 +116,8 @@ class AnalysisContext:
         have = set(present.tolist())
         empty = [name for i, name in enumerate(names) if i not in have]
         if empty:
-            log.warning("classes without any image are left out of the analysis: %s", empty)
+            log.warning("dataset: class(es) %s have no readable image (all skipped, see skipped.txt); left out of "
+                        "the analysis: D has %d columns, one per class with images", empty, len(present))
         self._cache["classes"] = [names[i] for i in present]
         self._cache["labels"] = labels.reshape(-1).astype(np.int64)
 
