@@ -36,14 +36,14 @@ bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same r
 	$(PY) bench/ks.py
 	$(PY) bench/extract.py
 
-tracking-server: $(STAMP)  ## PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5055 (installs PostgreSQL where absent)
+tracking-server: $(STAMP)  ## PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5055, passwords and MLflow login required (credentials: `scripts/tracking_server.sh env`; FEATSTUDY_TRACKING_AUTH=0: no login)
 	scripts/tracking_server.sh start
 
 tracking-server-stop:  ## stop the tracking server and its PostgreSQL
 	scripts/tracking_server.sh stop
 
-bench-tracking: $(STAMP)  ## 50 concurrent runs against the local tracking server (start it first)
-	$(PY) bench/tracking_load.py --uri http://127.0.0.1:5055 --runs 50
+bench-tracking: $(STAMP)  ## 50 concurrent runs against the local tracking server (start it first; logs in with its stored credentials)
+	eval "$$(scripts/tracking_server.sh env)" && $(PY) bench/tracking_load.py --uri http://127.0.0.1:$${MLFLOW_PORT:-5055} --runs 50
 
 clean:  ## remove build artefacts (keeps .venv, mlruns/ and outputs/)
 	rm -rf build dist src/*.egg-info .pytest_cache .hypothesis mutants

@@ -1,6 +1,7 @@
 """Load on the tracking server: N concurrent runs logging to it, none lost; prints throughput.
 
     scripts/tracking_server.sh start
+    eval "$(scripts/tracking_server.sh env)"   # MLFLOW_TRACKING_USERNAME / _PASSWORD: the server asks for a login
     .venv/bin/python bench/tracking_load.py --uri http://127.0.0.1:5055 --runs 50
 
 Each run logs the params, a d_avg-like curve of metric steps (one ``log_batch``), a table artifact and ends
@@ -37,6 +38,21 @@ def _check_loopback(uri: str) -> None:
         sys.exit(f"--uri {uri}: only a loopback server (127.0.0.1, localhost, ::1) may be load-tested")
 
 
+def _check_login(client: MlflowClient, uri: str) -> None:
+    """One request first: a server asking for a login (401/403) is named with the fix, not 50 failures."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        text = str(exc)
+        if any(s in text for s in ("401", "403", "Unauthorized", "Permission denied", "credentials")):
+            sys.exit(f"--uri {uri}: the server refused the login ({text.splitlines()[0][:200]}); pass the credentials "
+                     "in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, e.g. "
+                     'eval "$(scripts/tracking_server.sh env)"')
+        raise
+
+
 def one_run(uri: str, experiment_id: str, index: int, steps: int, workdir: Path) -> dict:
     client = MlflowClient(tracking_uri=uri)
     t0 = time.perf_counter()
@@ -65,6 +81,7 @@ def main(argv=None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "View run at" line per run
 
     client = MlflowClient(tracking_uri=args.uri)
+    _check_login(client, args.uri)
     experiment_id = client.create_experiment(f"tracking-load-{uuid.uuid4().hex[:8]}")
     failures: list[str] = []
     results: list[dict] = []

@@ -1,19 +1,14 @@
 """A 4-job parallel sweep (joblib launcher) against the PostgreSQL-backed MLflow server: every run, metric and
 artifact arrives, read back over HTTP.
 
-The server is ``$FEATSTUDY_TEST_TRACKING_URI`` when set (``.ci/run`` starts one), else this module starts its own
-with ``scripts/tracking_server.sh`` in a temporary folder on free ports and stops it afterwards.
+The server is ``$FEATSTUDY_TEST_TRACKING_URI`` when set (``.ci/run`` starts one), else the ``tracking_server``
+fixture (conftest.py) starts its own with ``scripts/tracking_server.sh`` in a temporary folder on free ports and
+stops it afterwards. The server requires MLflow's login (its default): the jobs get the credentials the way a user
+passes them, in ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -23,49 +18,12 @@ from featstudy import tracking
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "tracking_server.sh"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def postgres_obtainable() -> str | None:
-    """None when PostgreSQL is installed or the script can install it, else the reason it cannot."""
-    if glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-        return None
-    if os.geteuid() != 0:
-        return "PostgreSQL is not installed and this user is not root (cannot apt-get install postgresql)"
-    if shutil.which("apt-get") is None:
-        return "PostgreSQL is not installed and there is no apt-get to install it"
-    return None
-
-
-@pytest.fixture(scope="module")
-def server_uri(tmp_path_factory):
-    uri = os.environ.get("FEATSTUDY_TEST_TRACKING_URI")
-    if uri:
-        yield uri
-        return
-    reason = postgres_obtainable()
-    if reason:
-        pytest.skip(reason)
-    # not under pytest's tmp folder: it is private to this user, and PostgreSQL runs as 'postgres' when we are root
-    folder = Path(tempfile.mkdtemp(prefix="featstudy-tracking-"))
-    folder.chmod(0o755)
-    mlport = free_port()
-    env = dict(os.environ, FEATSTUDY_TRACKING_DIR=str(folder), PGPORT=str(free_port()), MLFLOW_PORT=str(mlport),
-               MLFLOW_WORKERS="2", MLFLOW_BIN=str(Path(sys.executable).with_name("mlflow")))
-    started = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield f"http://127.0.0.1:{mlport}"
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
+@pytest.fixture
+def server_uri(tracking_server, monkeypatch):
+    for key, value in tracking_server.credentials.items():
+        monkeypatch.setenv(key, value)
+    return tracking_server.uri
 
 
 def test_parallel_sweep_against_the_server(server_uri, tmp_path, image_folder, helpers, cache, monkeypatch):
