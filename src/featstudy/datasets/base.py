@@ -9,11 +9,12 @@ decoded RGB PIL image (raising on an unreadable or truncated file: extraction ca
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
+import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -64,14 +65,15 @@ class ImageDataset(Dataset):
             img = self.transform(img)
         return img, self.samples[index][1]
 
-    def fingerprint(self) -> str:
-        """sha256 of what defines the data: classes, relative paths, labels and file sizes (not the root's spelling)."""
-        h = hashlib.sha256()
-        h.update(json.dumps([self.name, self.split, self.classes]).encode())
-        for rel, label in self.samples:
-            size = (self.root / rel).stat().st_size if self.root is not None else -1
-            h.update(f"{rel}\t{label}\t{size}\n".encode())
-        return h.hexdigest()
+    def fingerprint(self, memo_dir=None) -> str:
+        """sha256 of what defines the data: name, split, classes, and per sample its relative path, label and the
+        sha256 of the file's bytes (not the root's spelling: a copy elsewhere has the same fingerprint). See
+        :mod:`featstudy.datasets.fingerprint`; ``memo_dir`` holds the stat memo that makes a repeat cheap."""
+        from featstudy.datasets.fingerprint import content_fingerprint
+
+        if self.root is None:
+            raise ValueError(f"{type(self).__name__} has no root: override fingerprint() to hash its data")
+        return content_fingerprint(self.root, [self.name, self.split, self.classes], self.samples, memo_dir)
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "root": str(self.root) if self.root else None,
@@ -94,24 +96,64 @@ def missing_root(name: str, path: Path, expected: str, downloadable: bool = True
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> None:
-    """Extract a tar or zip archive, refusing any member that would land outside ``dest``.
+    """Extract a tar or zip archive into ``dest``, accepting only regular files and folders inside it.
 
-    tar: ``tarfile``'s ``data`` filter (``..``, links leading outside ``dest``, device files and setuid bits are
-    refused), plus absolute names refused rather than stripped. zip has no such filter, so :func:`check_zip_members` does the same checks on every
-    member before anything is written. A refused archive raises :class:`DataError` naming it and the member.
+    Every member is checked before anything is written: an absolute or drive name, a name leading outside
+    ``dest`` (``..``), and any symlink, hardlink, device or fifo member (tar types; zip ``external_attr`` modes)
+    raise :class:`DataError` naming the archive and the member. Links are refused outright, even pointing inside:
+    the official archives hold none, and link checks can be bypassed (CVE-2025-4517, a symlink chain longer than
+    PATH_MAX, defeats tarfile's ``data`` filter on Python < 3.11.13).
+
+    The members are extracted into a hidden temporary folder inside ``dest`` (same filesystem, even when ``dest``
+    is a mount point) and each top-level entry is then renamed into ``dest``; an error on the way removes the
+    temporary folder, so nothing of a refused or failed archive is left behind. ``dest`` may already hold other
+    files (cub200 extracts next to its archive), but an entry already there is never overwritten or merged into:
+    that is refused, naming it, before anything is moved.
     """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            check_zip_members(zf, dest, archive)
-            zf.extractall(dest)
-        return
+    created = [p for p in (dest, *dest.parents) if not p.exists()]  # deepest first
+    is_zip = zipfile.is_zipfile(archive)
+    with (zipfile.ZipFile(archive) if is_zip else _open_tar(archive)) as arc:
+        if is_zip:
+            check_zip_members(arc, dest, archive)
+        else:
+            try:
+                members = arc.getmembers()
+            except (tarfile.TarError, EOFError) as exc:
+                raise DataError(f"{archive}: a damaged archive ({exc}); delete it and download it again") from exc
+            check_tar_members(members, archive)
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".featstudy-extract-", dir=dest))
+        try:
+            if is_zip:
+                arc.extractall(tmp)
+            else:
+                arc.extractall(tmp, filter=_tar_filter)  # the data filter too: modes, and a second opinion
+            entries = sorted(os.listdir(tmp))
+            for name in entries:
+                if os.path.lexists(dest / name):
+                    raise DataError(f"{archive}: '{dest / name}' already exists and extraction never overwrites "
+                                    "or merges; move it aside (or delete it) and rerun")
+            for name in entries:
+                os.rename(tmp / name, dest / name)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # only folders this call created, and only when left empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            if isinstance(exc, tarfile.FilterError):
+                raise DataError(f"{archive}: refusing to extract unsafe member ({exc})") from exc
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_tar(archive) -> tarfile.TarFile:
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter=_tar_filter)
-    except tarfile.FilterError as exc:
-        raise DataError(f"{archive}: refusing to extract unsafe member ({exc})") from exc
+        return tarfile.open(archive)
+    except tarfile.TarError as exc:
+        raise DataError(f"{archive}: not a readable tar or zip archive ({exc}); delete it and download it again") from exc
 
 
 def _tar_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
@@ -121,26 +163,53 @@ def _tar_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
     return tarfile.data_filter(member, path)
 
 
-def _inside(root: Path, target: Path) -> bool:
-    return os.path.commonpath([root, target]) == str(root)
+def _unsafe(archive, name: str, why: str) -> DataError:
+    return DataError(f"{archive}: refusing to extract unsafe member {name!r} ({why}; only regular files and folders "
+                     "are extracted): the archive is not the official one, delete it and download it again")
+
+
+def _check_name(archive, name: str, is_dir: bool) -> None:
+    """Absolute, drive or NUL names, names whose ``..`` lead outside the target, and a file named like the target
+    itself (``.``; a folder so named, as ``tar -C dir .`` writes, is fine) raise :class:`DataError`."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
+        raise _unsafe(archive, name, "an absolute path")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            raise _unsafe(archive, name, "a path leading outside the target")
+    if not parts and not is_dir:
+        raise _unsafe(archive, name, "a file named like the target folder")
+
+
+def check_tar_members(members: list[tarfile.TarInfo], archive) -> None:
+    """Every tar member must be a regular file or a folder with a safe name; raise :class:`DataError` on the first
+    that is not (symlink, hardlink, character or block device, fifo, or anything else)."""
+    kinds = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a character device",
+             tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a fifo"}
+    for m in members:
+        _check_name(archive, m.name, m.isdir())
+        if not (m.isreg() or m.isdir()):
+            why = kinds.get(m.type, f"tar member type {m.type!r}")
+            if m.issym() or m.islnk():
+                why += f" to {m.linkname!r}"
+            raise _unsafe(archive, m.name, why)
 
 
 def check_zip_members(zf: zipfile.ZipFile, dest: Path, archive) -> None:
-    """The ``data`` filter's rules for zip: no absolute or drive names, no ``..`` leading out of ``dest``, no
-    symlink entry (``external_attr`` S_IFLNK) pointing outside ``dest``; raise :class:`DataError` on the first."""
-    root = Path(os.path.realpath(dest))
+    """The same rules for zip: safe names, and only regular files and folders, read from the unix mode in the high
+    16 bits of ``external_attr`` (S_IFLNK is a symlink; 0, as written on Windows, is a regular file)."""
+    kinds = {stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket"}
     for info in zf.infolist():
-        name = info.filename
-        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
-            raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (absolute path)")
-        target = Path(os.path.normpath(root / name.replace("\\", "/")))
-        if not _inside(root, target):
-            raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (outside {dest})")
-        if stat.S_ISLNK(info.external_attr >> 16):
-            link = zf.read(info).decode("utf-8", "replace")
-            dest_of_link = Path(os.path.normpath(target.parent / link))
-            if os.path.isabs(link) or not _inside(root, dest_of_link):
-                raise DataError(f"{archive}: refusing to extract unsafe member {name!r} (a link to {link!r}, outside {dest})")
+        _check_name(archive, info.filename, info.is_dir())
+        fmt = stat.S_IFMT(info.external_attr >> 16)
+        if fmt not in (0, stat.S_IFREG, stat.S_IFDIR):
+            why = kinds.get(fmt, f"zip entry mode {oct(fmt)}")
+            if fmt == stat.S_IFLNK:
+                why += f" to {zf.read(info)[:200].decode('utf-8', 'replace')!r}"
+            raise _unsafe(archive, info.filename, why)
 
 
 def check_file_hash(path: Path, *, md5: str | None = None, sha256: str | None = None,

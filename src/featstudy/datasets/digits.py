@@ -46,7 +46,8 @@ class Digits(ImageDataset):
     def describe(self) -> dict:
         return {**super().describe(), "per_class": self.per_class}
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, memo_dir=None) -> str:
+        """sha256 of the pixels and labels themselves (content already; no files, so no memo)."""
         h = hashlib.sha256(self._pixels.tobytes())
         h.update(np.asarray(self.targets, dtype=np.int64).tobytes())
         return h.hexdigest()

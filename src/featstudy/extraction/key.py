@@ -4,7 +4,10 @@ Hashed (``key_fields``): the extraction format version (:data:`FORMAT_VERSION`, 
 change), the model name, its node -> layer table, the weights (enum name + checkpoint file name, file sha256, or
 ``random`` + seed), the preprocessing, the crops (name, resize, size), the pooling, the numeric precision
 (``trainer.precision``), and the dataset's identity: name, split, and a fingerprint of its classes, relative image
-paths, labels and file sizes (imagenet_val: also its class choice).
+paths, labels and content hashes (sha256 of each file's bytes, :mod:`featstudy.datasets.fingerprint`; imagenet_val:
+also its class choice). Any edit to an image, even one that keeps its size and mtime, gives another key; the same
+files copied elsewhere give the same key. A stat memo under ``<paths.cache_dir>/fingerprints/`` spares re-reading
+unchanged files (keyed on inode, size, mtime and ctime, which no user call can set back).
 
 Not hashed: batch size, workers, devices, strategy, number of nodes, the spelling of ``dataset.root`` or the cache
 location (the same data under another path is the same embedding), and the featstudy version (recorded in
