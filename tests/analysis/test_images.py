@@ -224,3 +224,21 @@ def test_an_imagenet_embedding_is_its_own_source(tmp_path):
     embedding(tmp_path / "a_imagenet", "imagenet_val")  # another one of the same network, sorted first
     own = load_embedding(embedding(tmp_path / "own", "imagenet_val"))
     assert images.find_imagenet_embedding(own).path == tmp_path / "own"
+
+
+def test_a_damaged_imagenet_embedding_is_passed_over_with_a_warning(tmp_path, caplog):
+    """A same-network ImageNet entry whose features.npy was edited after DONE (its checksum no longer matches) is
+    never a source: the next intact one is, and one warning names the damaged folder."""
+    own = load_embedding(embedding(tmp_path / "own", "cub200"))
+    damaged = embedding(tmp_path / "a_imagenet", "imagenet_val")
+    with open(damaged / "features.npy", "r+b") as fh:  # one byte of the last value, size unchanged
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 0x40]))
+    embedding(tmp_path / "m_imagenet", "imagenet_val")
+    with caplog.at_level("WARNING", logger="featstudy.analysis.images"):
+        found = images.find_imagenet_embedding(own)
+    assert found is not None and found.path == tmp_path / "m_imagenet"
+    [message] = [r.getMessage() for r in caplog.records]
+    assert str(damaged) in message and "features.npy" in message

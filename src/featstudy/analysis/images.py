@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from featstudy.store import Embedding, is_complete, load_embedding
+from featstudy.store import Embedding, EmbeddingError, is_complete, load_embedding, read_items
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,13 @@ def find_imagenet_embedding(emb: Embedding) -> Embedding | None:
             continue
         if dataset_name(meta) != "imagenet_val" or not _same_network(meta, emb.meta):
             continue
-        if (folder / "feature_names.txt").read_text(encoding="utf-8").splitlines() != emb.feature_names:
-            continue
-        return load_embedding(folder)
+        try:
+            if read_items(folder / "feature_names.txt") != emb.feature_names:
+                continue
+            return load_embedding(folder)
+        except (OSError, EmbeddingError) as exc:  # a damaged entry is rebuilt by its own run, never shown here
+            log.warning("figures: the ImageNet validation embedding %s is not used: %s", folder,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return None
 
 
@@ -148,6 +152,12 @@ class ImageSource:
                         dataset_name(emb.meta), _dataset_meta(emb.meta).get("root"))
         return img
 
+    def _accelerator(self) -> Any:
+        """``trainer.accelerator`` of the run's config (``ctx.extra["cfg"]``), or None (auto) without one."""
+        cfg = (getattr(self.ctx, "extra", None) or {}).get("cfg")
+        trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+        return trainer.get("accelerator") if hasattr(trainer, "get") else None
+
     def dataset_image(self, row: int) -> np.ndarray | None:
         img = self._open(self.emb, row)
         return None if img is None else _thumb(img)
@@ -173,7 +183,11 @@ class ImageSource:
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
             if layer in receptive_fields():
                 requests += [(index[r], layer, channel) for r in rs if opened[r] is not None]
-        peaks = image_io.peak_positions(self.source, images, requests) if requests else {}
+        try:  # the network runs where trainer.accelerator says, and is released once the peaks are found
+            peaks = image_io.peak_positions(self.source, images, requests, accelerator=self._accelerator()) \
+                if requests else {}
+        finally:
+            image_io.release_network()
         out = {}
         for name, rs in rows.items():
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])

@@ -9,6 +9,8 @@ because an id is done at most once.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import tempfile
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featstudy.store import DONE_MARKER, atomic_file, atomic_write_text
+from featstudy.store import (DONE_MARKER, atomic_file, atomic_save_npy, atomic_write_text, dropped_class_line,
+                             empty_classes, skipped_line, write_items, write_lines, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,9 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
 
     Rows are ordered by image id; every id in ``range(n_images)`` must appear exactly once, as a row or as skipped,
     so the number of rows is ``n_images - n_skipped``. ``features.npy`` is filled through a memory map (memory flat
-    at any N). Returns the meta written.
+    at any N) whose disk space is reserved first (:func:`reserve_npy`). Classes left without any row are recorded
+    in meta.json (``empty_classes``) and after the image lines of skipped.txt. DONE, the checksum manifest of every
+    file, is written last. Returns the meta written.
     """
     from featstudy.errors import DataError
 
@@ -105,9 +110,10 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
     for stale in [*out.glob(".*.npy"), *out.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)  # temp files of a merge killed before its renames
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".features.", suffix=".npy")
-    os.close(fd)
     try:
-        feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, n_features))
+        with os.fdopen(fd, "wb") as fh:
+            reserve_npy(fh, (n_rows, n_features))
+        feats = np.lib.format.open_memmap(tmp, mode="r+")
         for path in files:
             with np.load(path) as z:
                 ids = z["ids"]
@@ -121,18 +127,39 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    from featstudy.store import atomic_save_npy
 
-    atomic_save_npy(out / "labels.npy", np.asarray(labels, dtype=np.int64)[kept])
-    atomic_write_text(out / "paths.txt", "".join(f"{paths[i]}\n" for i in kept.tolist()))
-    atomic_write_text(out / "classes.txt", "".join(f"{c}\n" for c in classes))
-    atomic_write_text(out / "feature_names.txt", "".join(f"{n}\n" for n in feature_names))
-    reasons = [f"{paths[i]}\t{' '.join(skipped[i].split())}" for i in sorted(skipped)]
-    atomic_write_text(out / "skipped.txt", "".join(f"{r}\n" for r in reasons))
+    all_labels = np.asarray(labels, dtype=np.int64)
+    atomic_save_npy(out / "labels.npy", all_labels[kept])
+    write_items(out / "paths.txt", (paths[i] for i in kept.tolist()))
+    write_items(out / "classes.txt", classes)
+    write_items(out / "feature_names.txt", feature_names)
+    empty = empty_classes(classes, all_labels[kept])
+    sizes = np.bincount(all_labels, minlength=len(classes)) if len(all_labels) else np.zeros(len(classes), int)
+    write_lines(out / "skipped.txt", [*(skipped_line(paths[i], skipped[i]) for i in sorted(skipped)),
+                                      *(dropped_class_line(classes[c], int(sizes[c])) for c in empty)])
     meta = {**meta, "n_images": n_rows, "n_skipped": len(skipped), "n_dataset": n_images,
-            "image_modes": dict(sorted(modes.items()))}
-    import json
-
+            "image_modes": dict(sorted(modes.items())), "empty_classes": [classes[c] for c in empty]}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    atomic_write_text(out / DONE_MARKER, "")
+    write_manifest(out)  # DONE, last
     return meta
+
+
+def reserve_npy(fh, shape: tuple[int, int]) -> None:
+    """Write a float32 ``.npy`` header for ``shape`` to the empty file ``fh`` and reserve the disk space of its data
+    (``posix_fallocate``), so that a full disk is an ``OSError`` (ENOSPC) here, never a SIGBUS when a page of the
+    memory map is filled later. Where the file system cannot reserve (EOPNOTSUPP, EINVAL), zeros are written."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(fh, header)
+    fh.flush()
+    offset = fh.tell()
+    size = offset + int(np.prod(shape)) * 4
+    try:
+        os.posix_fallocate(fh.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        zeros = bytes(1 << 20)
+        while fh.tell() < size:
+            fh.write(zeros[: size - fh.tell()])
+        fh.flush()
+    os.fsync(fh.fileno())
