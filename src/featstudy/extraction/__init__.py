@@ -114,7 +114,9 @@ def plan(cfg) -> Plan:
     ds = datasets.from_config(cfg.dataset)
     if len(ds) == 0:
         raise ConfigError(f"dataset: {ds.describe()} holds no images")
-    data_fields = {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint()}
+    # content hashes of every image; the stat memo under the cache makes a repeat cost a stat per file
+    memo_dir = Path(str(_get(cfg, "paths.cache_dir", ".cache/featstudy"))).expanduser().resolve() / "fingerprints"
+    data_fields = {"name": ds.name, "split": ds.split, "fingerprint": ds.fingerprint(memo_dir=memo_dir)}
     if ds.name == "imagenet_val":
         data_fields.update(n_classes=ds.n_classes, class_seed=ds.class_seed)
     if ds.max_pixels is not None:  # decides which images are skipped (absent: PIL's default, keys unchanged)
@@ -155,10 +157,10 @@ def get_embedding(cfg) -> EmbeddingHandle:
     ConfigError, DataError
         With a one-line message naming the key or file, before any image is read where possible.
     """
-    from featstudy.store import is_complete
+    from featstudy.store import damage, is_complete, move_aside
 
     p = plan(cfg)
-    if is_complete(p.folder):
+    if is_complete(p.folder) and damage(p.folder) is None:  # checked against DONE's checksums (store.damage)
         log.info("embedding %s: cache hit (%s)", p.key, p.folder)
         if _env_rank() == 0:
             shutil.rmtree(p.folder / "shards", ignore_errors=True)  # left if a run died between DONE and cleanup
@@ -180,9 +182,14 @@ def get_embedding(cfg) -> EmbeddingHandle:
             lock.acquire()
         try:
             if is_complete(p.folder):
-                shutil.rmtree(p.folder / "shards", ignore_errors=True)
-                log.info("embedding %s: finished by another process, reusing %s", p.key, p.folder)
-                return _handle(p, hit=True)
+                problem = damage(p.folder)
+                if problem is None:
+                    shutil.rmtree(p.folder / "shards", ignore_errors=True)
+                    log.info("embedding %s: finished by another process, reusing %s", p.key, p.folder)
+                    return _handle(p, hit=True)
+                aside = move_aside(p.folder)  # never deleted: the user may want to look at it
+                log.warning("embedding %s: damaged cache entry, %s: %s; moved aside to %s, extracting it again",
+                            p.key, problem[0], problem[1], aside)
             _extract(cfg, p)
         finally:
             lock.release()
@@ -303,12 +310,14 @@ def _extract(cfg, p: Plan) -> None:
         raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
     log.info("embedding %s: extracting %d images (%d crops each, forward batch %d) into %s",
              p.key, len(todo), p.crops.n_crops, batch_size * p.crops.n_crops, p.folder)
-    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    if p.precision == "32-true" and torch.cuda.is_available():
-        # IEEE fp32 on GPUs too: cuDNN would otherwise run convolutions in TF32 (~1e-3 relative), changing the numbers
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    from featstudy.extraction.module import ieee_fp32, restore_fp32
+
+    # IEEE fp32 on GPUs too: cuDNN would otherwise run convolutions in TF32 (~1e-3 relative), changing the numbers.
+    # Every rank switches TF32 off itself (ExtractionModule.on_predict_start: a ddp_spawn rank starts with torch's
+    # defaults); this puts this process's settings back also when predict raises.
+    saved = ieee_fp32() if p.precision == "32-true" else None
     try:
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        if saved is not None:
+            restore_fp32(saved)
