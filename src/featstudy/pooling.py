@@ -42,3 +42,24 @@ def pool(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "max":
         return x.amax(dim=dims)
     raise ConfigError(f"pooling.name: {name!r} is not one of {list(POOLINGS)}")
+
+
+def pool_float32(x: torch.Tensor, name: str) -> torch.Tensor:
+    """:func:`pool` to (N, C) in float32 whatever the activation's dtype: under ``bf16-mixed``/``16-mixed`` the
+    spatial mean is accumulated and returned in float32 (``mean(dtype=float32)``, no float32 copy of the map), so the
+    features are not rounded to 8 (bf16) or 11 (fp16) significant bits, which would manufacture ties for the KS
+    statistics. A float32 activation gives exactly :func:`pool`'s values. The maximum of low-precision values is
+    itself one of them: it is cast after the reduction."""
+    if x.dim() == 2:
+        return x.float()
+    if x.dim() == 4:
+        dims = (2, 3)
+    elif x.dim() == 3:
+        dims = (1,)
+    else:
+        raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
+    if name == "avg":
+        return x.mean(dim=dims, dtype=torch.float32)
+    if name == "max":
+        return x.amax(dim=dims).float()
+    raise ConfigError(f"pooling.name: {name!r} is not one of {list(POOLINGS)}")

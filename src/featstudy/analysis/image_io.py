@@ -80,9 +80,33 @@ def open_row(emb: Embedding, row: int) -> Any | None:
         return None
 
 
+def network_device(accelerator: Any = None) -> str:
+    """Where the figures' network runs: ``cpu`` when ``trainer.accelerator`` is ``cpu`` (or names no CUDA device,
+    e.g. ``mps``) or no GPU is visible, else ``cuda``. The embedding's meta records no accelerator: the caller passes
+    the run's ``cfg.trainer.accelerator``."""
+    import torch
+
+    acc = str(accelerator if accelerator is not None else "auto").lower()
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def release_network() -> None:
+    """Drop the cached network (a VGG19 holds ~550 MB) and hand its GPU memory back; called once the figures that
+    need it are drawn."""
+    import sys
+
+    _network.cache_clear()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 @lru_cache(maxsize=2)
-def _network(emb_path: str) -> Any | None:
-    """(feature extractor body, transform) rebuilt from the embedding's meta, or None."""
+def _network(emb_path: str, device: str = "cpu") -> Any | None:
+    """(feature extractor body, transform) rebuilt from the embedding's meta on ``device``, or None. Cached until
+    :func:`release_network`."""
     import json
 
     from omegaconf import OmegaConf
@@ -103,10 +127,7 @@ def _network(emb_path: str) -> Any | None:
         crops = meta.get("crops") or {}
         size = int(crops.get("size", 224))
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
-        import torch
-
-        if torch.cuda.is_available():  # only to locate peaks for the figures; the numbers come from the embedding
-            model = model.cuda()
+        model = model.to(device)  # only to locate peaks for the figures; the numbers come from the embedding
         resize = crops.get("resize") or size
         transform = ImageTransform(crop_spec(OmegaConf.create({"name": "center", "resize": int(resize),
                                                                "size": size})), ms.preprocessing)
@@ -125,15 +146,17 @@ def centre_crop_geometry(emb: Embedding) -> tuple[int, int]:
 
 
 def peak_positions(emb: Embedding, images: list[Any], requests: list[tuple[int, str, int]],
-                   batch_size: int = 16) -> dict[tuple[int, str, int], tuple[int, int]] | None:
+                   batch_size: int = 16, accelerator: Any = None) -> dict[tuple[int, str, int], tuple[int, int]] | None:
     """Where each requested conv map peaks: ``{(image index, layer, channel): (y, x)}`` on the centre crop.
 
     One batched forward pass per ``batch_size`` images (each image once, whatever the number of features asking
-    for it). None when the network cannot be rebuilt; layers without a spatial map are left out.
+    for it), on :func:`network_device` of ``accelerator`` (``cfg.trainer.accelerator``). None when the network
+    cannot be rebuilt; layers without a spatial map are left out. The network stays cached until
+    :func:`release_network`.
     """
     import torch
 
-    net = _network(str(emb.path))
+    net = _network(str(emb.path), network_device(accelerator))
     if net is None:
         return None
     body, transform, _, _ = net

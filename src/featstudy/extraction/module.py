@@ -53,14 +53,87 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def ieee_fp32() -> tuple:
+    """Switch TF32 off for cuDNN convolutions and float32 matmuls in this process; returns what :func:`restore_fp32`
+    needs to put the previous settings back. The flags are per process: a ``ddp_spawn`` rank starts with torch's
+    defaults (cuDNN TF32 on), so every rank sets them itself where the model runs."""
+    b = torch.backends
+    try:
+        saved = ("legacy", b.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    except RuntimeError:  # torch >= 2.9 refuses the legacy getters once its fp32_precision API has been used
+        saved = ("new", b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision)
+        b.cudnn.conv.fp32_precision = b.cudnn.rnn.fp32_precision = b.cuda.matmul.fp32_precision = "ieee"
+        return saved
+    b.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")  # also sets torch.backends.cuda.matmul.allow_tf32 = False
+    return saved
+
+
+def restore_fp32(saved: tuple) -> None:
+    """Undo :func:`ieee_fp32`."""
+    b = torch.backends
+    if saved[0] == "legacy":
+        b.cudnn.allow_tf32 = saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+    else:
+        b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision = saved[1:]
+
+
 class ExtractionModule(pl.LightningModule):
-    """``predict_step``: crops (B, K, 3, S, S) -> pooled features (B, F) in float32, with the batch's image ids."""
+    """``predict_step``: crops (B, K, 3, S, S) -> pooled features (B, F) in float32, with the batch's image ids.
+
+    Each node is pooled in float32 where it is produced (:meth:`featstudy.models.FeatureModel.pooled_layers`), the
+    crops are averaged in float32, and a batch with a non-finite feature stops the run with one line naming the
+    layer (an fp16 overflow under ``16-mixed``), before its shard is written. Under ``32-true`` TF32 is off in every
+    rank for the duration of predict (:func:`ieee_fp32`), so the numbers are IEEE float32 as the cache key says.
+    """
 
     def __init__(self, model: torch.nn.Module, channels_last: bool = False):
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.channels_last = channels_last
         self.n_features = None
+        self._fp32_saved = None
+
+    def _precision(self) -> str:
+        try:
+            return str(self.trainer.precision)
+        except RuntimeError:  # not attached to a Trainer
+            return "32-true"
+
+    def on_predict_start(self) -> None:
+        if self._precision() in ("32-true", "32"):
+            saved = ieee_fp32()
+            if self._fp32_saved is None:  # a predict that raised never restored: keep what was there before it
+                self._fp32_saved = saved
+
+    def on_predict_end(self) -> None:
+        if self._fp32_saved is not None:
+            restore_fp32(self._fp32_saved)
+            self._fp32_saved = None
+
+    def _first_image(self, batch) -> str:
+        """The first image of ``batch``, by its path in the dataset when the loader's dataset is at hand."""
+        first = int(batch["ids"][0])
+        try:
+            return str(self.trainer.predict_dataloaders.dataset.base.samples[first][0])
+        except Exception:  # noqa: BLE001 - any other loader: the image's index is enough to find it
+            return f"#{first}"
+
+    def check_finite(self, parts: dict[str, torch.Tensor], batch) -> None:
+        """Raise when a pooled layer holds inf or nan (one device sync per batch; the layer is found only then)."""
+        if bool(torch.isfinite(torch.cat([p.flatten() for p in parts.values()])).all()):
+            return
+        from featstudy.errors import ConfigError, DataError
+
+        layer, kind = next((name, "nan" if bool(torch.isnan(p).any()) else "inf")
+                           for name, p in parts.items() if not bool(torch.isfinite(p).all()))
+        precision = self._precision()
+        where = f"layer {layer} overflowed ({kind}) in the batch of images starting with {self._first_image(batch)}"
+        if precision.startswith("16"):
+            raise ConfigError(f"trainer.precision={precision}: {where}; use bf16-mixed or 32-true")
+        raise DataError(f"model.weights: {where} at trainer.precision={precision}; the network's activations "
+                        "are not finite: check the weights file (nothing was written for this batch)")
 
     def predict_step(self, batch, batch_idx=0, dataloader_idx=0):
         images = batch["images"]
@@ -69,7 +142,9 @@ class ExtractionModule(pl.LightningModule):
             x = images.flatten(0, 1)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            feats = self.model.per_crop(x).float().view(b, k, -1).mean(dim=1)
+            parts = self.model.pooled_layers(x)  # float32, pooled where each map is produced
+            self.check_finite(parts, batch)
+            feats = torch.cat(list(parts.values()), dim=1).view(b, k, -1).mean(dim=1)
         else:
             feats = torch.zeros(0, self.n_features or 0)
         return {"ids": batch["ids"], "features": feats, "modes": batch["modes"], "skipped_ids": batch["skipped_ids"],

@@ -19,10 +19,12 @@ node names from ``get_graph_node_names``, named in the features after the node i
 
 from __future__ import annotations
 
+import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from featstudy import pooling as _pooling
 from featstudy.errors import ConfigError
@@ -85,19 +87,93 @@ def spec(cfg_model) -> ModelSpec:
     return ModelSpec(name=name, nodes=table, weights=src, preprocessing=check_preprocessing(str(cfg_model.get("preprocessing", "torchvision"))), channels=channels)
 
 
+_INPLACE_FUNCTIONS = {getattr(operator, n) for n in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",
+                                                      "iand", "ior", "ixor", "ilshift", "irshift", "imatmul")}
+
+
+def _mutates(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether graph node ``user`` overwrites ``node``'s tensor in place (``ReLU(inplace=True)``, ``x.relu_()``,
+    ``F.relu(x, inplace=True)``, ``operator.iadd``)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        return bool(getattr(modules.get(str(user.target)), "inplace", False))
+    if user.op == "call_method":
+        return str(user.target).endswith("_") and not str(user.target).endswith("__")
+    if user.op == "call_function":
+        name = getattr(user.target, "__name__", "")
+        return (user.target in _INPLACE_FUNCTIONS or bool(user.kwargs.get("inplace"))
+                or (name.endswith("_") and not name.endswith("__")))
+    return False
+
+
+def pooled_graph(body: fx.GraphModule, pooling: str) -> fx.GraphModule:
+    """A copy of the feature extractor ``body`` (from ``create_feature_extractor``) that returns each node pooled
+    (:func:`featstudy.pooling.pool_float32`) instead of its map, sharing ``body``'s modules and parameters.
+
+    Each map is pooled right after the last op that reads it or overwrites it in place, so its last use is the
+    pooling and fx's generated code drops it there: at most the maps one op reads and writes are alive at once,
+    plus the pooled vectors, where ``body`` keeps every requested map until the end (VGG19: all 16 conv maps,
+    59 MB per 224 px crop). Pooling after in-place users (a ``ReLU(inplace=True)`` that follows the node) keeps
+    ``body``'s numbers exactly: ``body`` returns the tensor as it stands at the end of the forward pass.
+    """
+    graph = copy.deepcopy(body.graph)
+    modules = dict(body.named_modules())
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    output = next(n for n in nodes if n.op == "output")
+    returned = output.args[0]
+    pooled = {}
+    for name, node in returned.items():
+        aliases, last = [node], node
+        for alias in aliases:  # grows as in-place users are found
+            for user in alias.users:
+                if user is output:
+                    continue
+                if position[user] > position[last]:
+                    last = user
+                if _mutates(user, alias, modules) and user not in aliases:
+                    aliases.append(user)
+        with graph.inserting_after(last):
+            pooled[name] = graph.call_function(_pooling.pool_float32, (node, pooling))
+    output.args = (pooled,)
+    graph.lint()
+    return fx.GraphModule(body, graph, class_name="PooledFeatures")
+
+
 class FeatureModel(nn.Module):
-    """(B, K, 3, H, W) crops -> (B, F) features: read the nodes, pool each per crop, concatenate, mean over crops."""
+    """(B, K, 3, H, W) crops -> (B, F) float32 features: read the nodes, pool each per crop, concatenate, mean over
+    crops.
+
+    ``body`` (the registered module) returns the raw maps (the figures locate peaks in them); the forward pass used
+    for features runs :func:`pooled_graph`, which pools each map where it is produced, in float32.
+    """
 
     def __init__(self, body: nn.Module, layers: list[str], pooling: str):
         super().__init__()
         self.body = body
         self.layers = list(layers)
         self.pooling = _pooling.check(pooling)
+        # not registered as a submodule: it shares body's modules (moved and cast with them); rebuilt, not pickled
+        self.__dict__["pooled"] = pooled_graph(body, self.pooling)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("pooled", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__["pooled"] = pooled_graph(self.body, self.pooling)
+
+    def pooled_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, 3, H, W) -> ``{layer: (N, C) float32}`` in table order, one pooled vector per crop."""
+        out = self.pooled(x)
+        return {name: out[name] for name in self.layers}
 
     def per_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, F): pooled features of each crop, layers in table order."""
-        out = self.body(x)
-        return torch.cat([_pooling.pool(out[name], self.pooling).flatten(1) for name in self.layers], dim=1)
+        """(N, 3, H, W) -> (N, F) float32: pooled features of each crop, layers in table order."""
+        return torch.cat(list(self.pooled_layers(x).values()), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape[:2]
@@ -140,11 +216,8 @@ def build(ms: ModelSpec, pooling: str, crop_size: int) -> tuple[FeatureModel, di
     channels = dict(ms.channels)
     if len(channels) != len(layers):
         with torch.no_grad():
-            out = body(torch.zeros(1, 3, crop_size, crop_size))
-        channels = {}
-        for name in layers:
-            pooled = _pooling.pool(out[name], pooling).flatten(1)
-            channels[name] = int(pooled.shape[1])
+            out = model.pooled_layers(torch.zeros(1, 3, crop_size, crop_size))
+        channels = {name: int(out[name].shape[1]) for name in layers}
     return model, channels, digest
 
 
