@@ -54,6 +54,10 @@ def one_line(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, FeatstudyError):
             return str(e).splitlines()[0]
+    for e in chain:  # a featstudy resolver's error, which OmegaConf re-raises as text (e.g. ${unique_dir:})
+        match = re.match(r"(ConfigError|DataError) raised while resolving interpolation: (.*)", str(e))
+        if match:
+            return match.group(2).splitlines()[0]
     for e in chain:
         if isinstance(e, MissingConfigException) and getattr(e, "options", None) is not None:
             missing = str(getattr(e, "missing_cfg_file", "") or "")
@@ -80,6 +84,29 @@ def one_line(exc: BaseException) -> str:
         if ln not in text:
             text += " " + ln
     return text.replace("\n", " ")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One line for an OSError "no space left" / "quota exceeded" anywhere in the chain that featstudy did not
+    already report (a featstudy error in the chain wins), naming the file and the fix; else None."""
+    import errno
+
+    chain = _chain(exc)
+    if any(isinstance(e, FeatstudyError) for e in chain):
+        return None
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = str(Path(e.filename).parent) if e.filename else _job_folder()
+            return (f"cannot write {e.filename or f'in {where}' if where else 'a file'} ({e.strerror}); free space"
+                    + (f" on the disk holding {where}" if where else "")
+                    + ", or write elsewhere: paths.root_dir=<folder on another disk> (or paths.log_dir, "
+                    "paths.mlruns_dir, paths.cache_dir)")
+    return None
+
+
+def _job_folder() -> str | None:
+    """The output folder of the job Hydra was starting (its ``.hydra/`` is written before featstudy runs)."""
+    return featstudy.config.CREATED_DIRS[-1] if featstudy.config.CREATED_DIRS else None
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -119,6 +146,10 @@ def main() -> None:
         raise
     except BaseException as exc:
         failed = not isinstance(exc, SystemExit) or exc.code not in (0, None)
+        disk = None if full else disk_full(exc)
+        if disk is not None:  # e.g. Hydra writing .hydra/*.yaml into a run folder on a full disk
+            print(f"featstudy: error: {disk}", file=stderr)
+            sys.exit(EXIT_USAGE)
         if not isinstance(exc, _user_error_types()) or full:
             raise
         print(f"featstudy: error: {one_line(exc)}", file=stderr)

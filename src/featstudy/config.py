@@ -1,6 +1,7 @@
 """Config helpers shared by the CLI, the app and the report: resolvers, validation, flattening.
 
-Nothing here knows about MLflow, torch or the statistics; it only reads and checks the composed Hydra config.
+Nothing here knows about MLflow or the statistics; it reads and checks the composed Hydra config, before any work
+starts. One check imports torch (lazily): :func:`check_crop_size` runs the model's architecture on the meta device.
 """
 
 from __future__ import annotations
@@ -20,10 +21,80 @@ def _abspath(path: str) -> str:
     return str(Path(os.path.expanduser(str(path))).absolute())
 
 
+def name_max(path: str | os.PathLike) -> int:
+    """The longest file name (bytes) the filesystem holding ``path`` (or its nearest existing parent) accepts."""
+    p = Path(path).absolute()
+    while p != p.parent:
+        try:
+            if p.exists():
+                break
+        except OSError:  # ENAMETOOLONG itself: look further up
+            pass
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_lengths(path: str | os.PathLike, key: str, *, task_name: Any = None) -> None:
+    """Refuse a folder whose path has a component longer than the filesystem allows (ENAMETOOLONG), before any
+    work starts; the component equal to ``task_name`` is reported as ``task_name``, any other one as ``key``."""
+    limit = name_max(path)
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            culprit = "task_name" if task_name is not None and part == str(task_name) else key
+            raise ConfigError(f"{culprit}: the folder name {part[:24]}... is {size} bytes long, more than the {limit} "
+                              f"a file name may have there (os.pathconf PC_NAME_MAX); use a shorter {culprit}")
+
+
+#: the run folder's name: the start time to the second, readable and sorted, then what makes it unique
+RUN_STAMP = "%Y-%m-%d_%H-%M-%S"
+#: the folders :func:`_unique_dir` created in this process, oldest first (named in a full-disk message)
+CREATED_DIRS: list[str] = []
+
+
+def _unique_dir(parent: str, key: str = "paths.log_dir", task_name: Any = None) -> str:
+    """``${unique_dir:<parent>,<key>,<task_name>}``: a new folder ``<parent>/<YYYY-mm-dd_HH-MM-SS>_<µs>-<pid>``,
+    created here with ``os.mkdir``.
+
+    Why: Hydra's ``${now:...}`` has one-second resolution, so two jobs started in the same second shared one folder
+    (and one journal). The name adds microseconds and the process id, and the atomic ``mkdir`` is the guarantee:
+    of two processes that pick the same name only one creates it, the other picks a fresh name. ``key`` names the
+    setting to change in error messages (a full disk); a component equal to ``task_name`` is reported as
+    ``task_name`` when too long. Registered with ``use_cache=True`` (like Hydra's ``now``), so every resolution of
+    ``hydra.run.dir`` in one job, and every job of one sweep (Hydra copies the cache), gets the same folder.
+    """
+    import datetime
+
+    base = Path(_abspath(parent))
+    check_name_lengths(base / "0000-00-00_00-00-00_000000-4194304", key, task_name=task_name)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            now = datetime.datetime.now()
+            folder = base / f"{now.strftime(RUN_STAMP)}_{now.microsecond:06d}-{os.getpid()}"
+            try:
+                folder.mkdir()
+                CREATED_DIRS.append(str(folder))
+                return str(folder)
+            except FileExistsError:  # another process took this name in this microsecond: take the next one
+                continue
+    except OSError as exc:
+        from featstudy.errors import DataError
+
+        raise DataError(f"{key}: cannot create a run folder under {base} ({exc.strerror}); free space there or "
+                        f"write elsewhere, e.g. {key}=<folder on another disk>") from None
+
+
 def register_resolvers() -> None:
-    """Register featstudy's OmegaConf resolvers (idempotent). Called on import of this module."""
+    """Register featstudy's OmegaConf resolvers (idempotent). Called on import of this module, so both
+    ``python -m featstudy`` and ``hydra.compose`` (tests, notebooks) have them before Hydra composes."""
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", _abspath)
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
 
 
 register_resolvers()
@@ -81,6 +152,134 @@ def validate(cfg: DictConfig) -> None:
     uri = cfg.tracking.uri
     _check(uri is None or (isinstance(uri, str) and ("://" in uri)), "tracking.uri", uri,
            "sqlite:///<path>/mlflow.db, http(s)://<server>, or null to disable tracking")
+    _check_tracking_numbers(cfg.tracking)
+    _check_bins_bound(a.bins)
+    if "task_name" in cfg and cfg.get("task_name") is not None and "paths" in cfg:
+        try:
+            log_dir = cfg.paths.get("log_dir")
+        except Exception:  # noqa: BLE001 - an unresolvable location is reported where it is used
+            log_dir = None
+        if isinstance(log_dir, str):
+            check_name_lengths(Path(log_dir) / str(cfg.task_name), "task_name", task_name=cfg.task_name)
+    check_crop_size(cfg)
+
+
+#: ``tracking.*`` numbers: key -> (integer only, smallest value allowed, None allowed)
+TRACKING_NUMBERS = {
+    "retries": (True, 1, False),
+    "retry_delay": (False, 0, False),
+    "http_max_retries": (True, 0, True),
+    "http_backoff_factor": (False, 0, True),
+    "http_backoff_jitter": (False, 0, True),
+    "http_timeout": (False, 1, True),
+}
+
+
+def _check_tracking_numbers(t: Any) -> None:
+    """``tracking.retries=abc`` and friends: refused here, not as a traceback when the run starts."""
+    for key, (integer, low, nullable) in TRACKING_NUMBERS.items():
+        if key not in t:
+            continue
+        value = t.get(key)
+        if value is None and nullable:
+            continue
+        number = _is_int(value) or (not integer and isinstance(value, float) and value == value)
+        what = ("an integer" if integer else "a number") + f" >= {low}" + (", or null for MLflow's default"
+                                                                            if nullable else "")
+        _check(number and value >= low, f"tracking.{key}", value, what)
+
+
+#: the binned KS kernels hold each image's bin in an int32 (featstudy.stats._kernels: ``bins`` arrays)
+MAX_BINS = 2**31 - 1
+#: bytes the sorting kernel allocates per bin in each worker thread (histogram, bin starts, edges)
+BYTES_PER_BIN = 24
+
+
+def _check_bins_bound(bins: Any) -> None:
+    """Refuse ``analysis.bins`` the kernels cannot hold, before the extraction (it failed in numba after it)."""
+    if not _is_int(bins):
+        return
+    if bins > MAX_BINS:
+        raise ConfigError(f"analysis.bins={bins} is too large: the binned KS stores each image's bin as an int32, "
+                          f"so analysis.bins must be <= {MAX_BINS} (analysis.bins=null computes the exact statistic)")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return
+    threads = int(os.environ.get("NUMBA_NUM_THREADS") or os.cpu_count() or 1)
+    need = BYTES_PER_BIN * bins * threads
+    if need > memory:
+        raise ConfigError(f"analysis.bins={bins} is too large: the binned KS needs {BYTES_PER_BIN} bytes per bin "
+                          f"in each of {threads} threads ({need / 2**30:.1f} GiB) and this machine has "
+                          f"{memory / 2**30:.1f} GiB; lower analysis.bins (or use null, the exact statistic)")
+
+
+def check_crop_size(cfg: DictConfig) -> None:
+    """Refuse a ``crops.size`` too small for the model, before any image is read.
+
+    The smallest size is not a table: the model's architecture (no weights) runs once on an empty tensor of that
+    size on PyTorch's ``meta`` device, up to the nodes read, which costs milliseconds. VGG19's five 2x2 max-pools
+    need 32 px; ResNets accept any size. When that pass fails the smallest size that passes is searched and
+    named. Unknown models or nodes are left to :func:`featstudy.models.spec`, which names them.
+    """
+    if "crops" not in cfg or "model" not in cfg or not _is_int(cfg.crops.get("size")):
+        return
+    size = int(cfg.crops.size)
+    runs = _meta_forward(cfg.model)
+    if runs is None or runs(size):
+        return
+    why = runs.error
+    low, high = size, None
+    probe = max(size, 1) * 2
+    while probe <= 8192:
+        if runs(probe):
+            high = probe
+            break
+        low, probe = probe, probe * 2
+    if high is None:
+        if runs(224):  # a model that takes one size only (e.g. a ViT)
+            raise ConfigError(f"crops.size={size} is not accepted by {cfg.model.name} ({why}); it takes "
+                              "crops.size=224")
+        return  # no size works: not a size problem, the extraction reports it
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if runs(mid) else (mid, high)
+    raise ConfigError(f"crops.size={size} is too small for {cfg.model.name} read at these model.nodes: its layers "
+                      f"need crops of at least {high} px; set crops.size>={high} (and crops.resize>=crops.size)")
+
+
+def _meta_forward(cfg_model: Any) -> Any:
+    """A function ``size -> bool``: does the model's graph (up to the nodes read) accept a ``size`` x ``size``
+    image? None when the model or its nodes are not valid (reported elsewhere)."""
+    try:
+        import torch
+        import torchvision.models as tvm
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        from featstudy.models import vgg19
+
+        name = str(cfg_model.get("name", "vgg19"))
+        nodes = cfg_model.get("nodes")
+        if nodes is None and name != "vgg19":
+            return None
+        return_nodes = vgg19.return_nodes() if nodes is None else {str(n): str(n) for n in nodes}
+        with torch.device("meta"):
+            net = tvm.get_model(name, weights=None)
+        body = create_feature_extractor(net.eval(), return_nodes=return_nodes).eval()
+    except Exception:  # noqa: BLE001 - an unknown model or node: models.spec names it
+        return None
+
+    def runs(size: int) -> bool:
+        try:
+            with torch.no_grad():
+                body(torch.zeros(1, 3, size, size, device="meta"))
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure of the shapes: the message is kept for the user
+            runs.error = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            return False
+
+    runs.error = ""
+    return runs
 
 
 def resolve_paths(cfg: DictConfig) -> DictConfig:

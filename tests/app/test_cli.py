@@ -93,12 +93,35 @@ def _bad_input(case: str, tmp: Path) -> tuple[list[str], list[str]]:
             ["paths.cache_dir", str(tmp / "blocker"), "Not a directory", "writable"]
     if case == "unknown analysis layer":  # found before extraction (the DONE check below), not after it
         return [f"dataset.root={two}", "analysis.layers=[fc7,nope]"], ["analysis.layers", "'nope'", "conv5_4"]
+    if case == "crops.size below the model's minimum":  # VGG19 halves the crop at each max-pool, down to 1 px
+        import torch
+        import torchvision
+
+        with torch.device("meta"):
+            pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in torchvision.models.vgg19().features)
+        return [f"dataset.root={two}", f"crops.size={2 ** pools - 1}"], ["crops.size", "vgg19", f"{2 ** pools} px"]
+    if case == "tracking.retries=abc":
+        return [f"dataset.root={two}", "tracking.retries=abc"], ["tracking.retries", "'abc'", "integer"]
+    if case == "tracking.http_timeout not a number":
+        return [f"dataset.root={two}", "tracking.http_timeout=soon"], ["tracking.http_timeout", "'soon'", "number"]
+    if case == "tracking.retry_delay negative":
+        return [f"dataset.root={two}", "tracking.retry_delay=-1"], ["tracking.retry_delay", ">= 0"]
+    if case == "300-character task_name":  # longer than a file name may be (ENAMETOOLONG)
+        limit = os.pathconf(tmp, "PC_NAME_MAX")
+        return [f"dataset.root={two}", f"task_name={'t' * 300}"], ["task_name", "300 bytes", str(limit)]
+    if case == "analysis.bins beyond int32":  # the kernels keep each image's bin in an int32
+        import numpy as np
+
+        return [f"dataset.root={two}", "analysis.bins=100000000000"], \
+            ["analysis.bins=100000000000", str(np.iinfo(np.int32).max)]
     raise AssertionError(case)
 
 
 BAD_INPUT = ["missing dataset root", "missing weights file", "crops.size > crops.resize", "analysis.bins=0",
              "analysis.bins=-5", "empty dataset", "one-class dataset", "cache folder is a file",
-             "unknown analysis layer"]
+             "unknown analysis layer", "crops.size below the model's minimum", "tracking.retries=abc",
+             "tracking.http_timeout not a number", "tracking.retry_delay negative", "300-character task_name",
+             "analysis.bins beyond int32"]
 
 
 @pytest.fixture(scope="module")
