@@ -16,7 +16,11 @@ warning instead of dying.
 * Outages: every operation of a job is first appended to ``<output dir>/tracking_journal.jsonl`` (:class:`Journal`),
   then sent; an ``ack`` line records each operation that reached the store. When the store is unreachable (at the
   start or mid-run) the job goes on offline and :func:`sync_job` (``python -m featstudy.sync``) replays the journal
-  later: it completes the job's own partial run when the store has it, else logs the whole run, once.
+  later: it completes the job's own partial run when the store has it, else logs the whole run, once. A job's run
+  is tagged ``featstudy.incomplete=true`` from its creation until its end status reached the store, so a run left
+  behind by an outage is findable even when the store never heard of the job again.
+* Credentials: a ``user:password@`` in an http(s) ``tracking.uri`` is moved into ``MLFLOW_TRACKING_USERNAME`` /
+  ``MLFLOW_TRACKING_PASSWORD`` (:func:`use_credentials`, :func:`strip_credentials`) and written nowhere.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,9 +66,77 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def normalise_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///x.db`` absolute, so no later change of directory can fork the DB."""
+    """Make a relative ``sqlite:///x.db`` absolute, so no later change of directory can fork the DB; move the
+    ``user:password@`` of an http(s) URI into MLflow's environment variables (:func:`use_credentials`)."""
+    uri = use_credentials(uri)
     path = sqlite_path(uri)
     return f"sqlite:///{path}" if path is not None else uri
+
+
+#: MLflow reads HTTP basic-auth credentials from these at every request
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s'\"\[\],]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every http(s) URL in it removed (overrides, log lines)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def use_credentials(uri: str) -> str:
+    """The URI without its ``user:password@``, which goes (URL-decoded) into ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` of this process (and the jobs it launches): MLflow sends them as HTTP basic auth,
+    and the secret is never written where the URI is (params, config files, journal, logs). Other URIs unchanged."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_password, password = userinfo.partition(":")
+    if user:
+        os.environ[CREDENTIAL_ENV[0]] = unquote(user)
+    if has_password:
+        os.environ[CREDENTIAL_ENV[1]] = unquote(password)
+    return urlunsplit(parts._replace(netloc=hostport))
+
+
+def strip_credentials(cfg: Any) -> None:
+    """Move the credentials of ``cfg.tracking.uri`` into the environment (:func:`use_credentials`) and remove them
+    from the config, from Hydra's record of the overrides and from the files Hydra already wrote.
+
+    Called by :class:`SweepCallback` before Hydra saves anything (``on_run_start``, ``on_multirun_start``: the
+    sweep's jobs are then launched with the clean override) and by the job itself (:func:`featstudy.app.task_wrapper`)
+    for a URI that came from a config file, where Hydra's ``.hydra/*.yaml`` are rewritten."""
+    from omegaconf import open_dict, read_write
+
+    t = cfg.get("tracking") if hasattr(cfg, "get") else None
+    uri = t.get("uri") if t is not None else None
+    if isinstance(uri, str) and redact(uri) != uri:
+        clean = use_credentials(uri)
+        with read_write(cfg), open_dict(cfg):
+            cfg.tracking.uri = clean
+    if "hydra" in cfg:
+        with read_write(cfg), read_write(cfg.hydra), open_dict(cfg.hydra):
+            task = cfg.hydra.overrides.get("task")
+            if task is not None and any(redact(str(o)) != str(o) for o in task):
+                cfg.hydra.overrides.task = [redact(str(o)) for o in task]
+            dirname = cfg.hydra.job.get("override_dirname")
+            if isinstance(dirname, str) and redact(dirname) != dirname:
+                cfg.hydra.job.override_dirname = redact(dirname)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        saved = Path(hc.runtime.output_dir) / hc.output_subdir if hc is not None and hc.output_subdir else None
+    except Exception:  # noqa: BLE001 - no Hydra run: nothing was saved
+        saved = None
+    for f in sorted(saved.glob("*.yaml")) if saved is not None and saved.is_dir() else ():
+        text = f.read_text(encoding="utf-8")
+        if redact(text) != text:
+            from featstudy.store import atomic_write_text
+
+            atomic_write_text(f, redact(text))
 
 
 def _filesystem_type(path: Path) -> str | None:
@@ -99,6 +172,87 @@ def check_store(uri: str) -> None:
                     "Use node-local storage or a tracking server (tracking.uri=http://...).", db, fstype)
 
 
+def _sqlite_store_problem(db: Path) -> str | None:
+    """Why the SQLite file ``db`` is not a store MLflow can open (a creation cut short, e.g. by a full disk, leaves
+    tables without ``alembic_version``, a ``_alembic_tmp_*`` table, or a revision missing tables, on which MLflow
+    re-runs its migrations and fails forever: "table scorers already exists"); None when it is absent, empty or
+    complete. Read-only and cheap: the table names and the schema revision."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return None
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return f"not an SQLite database ({exc})"
+    if not tables:
+        return None
+    interrupted = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if interrupted:
+        return f"a schema migration was cut short: table {interrupted[0]} is left over"
+    if row is None:
+        return "it has tables but no schema revision (alembic_version)"
+    try:
+        from mlflow.store.db.utils import Base
+
+        missing = sorted(set(Base.metadata.tables) - tables)
+    except Exception:  # noqa: BLE001 - MLflow's internals moved: leave the check to MLflow
+        return None
+    if missing:
+        return (f"schema revision {row[0]} lacks tables {missing[:3]}; if an older MLflow made it, back it up and "
+                f"run `mlflow db upgrade sqlite:///{db}` instead")
+    return None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    import errno
+
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create and migrate a new SQLite store in a temporary file next to ``db``, then rename it into place: a
+    creation cut short (full disk, kill) never leaves a half-created store at ``db``. Called under the setup lock."""
+    from mlflow.tracking import MlflowClient
+
+    from featstudy.errors import DataError
+
+    for stale in db.parent.glob(f".{db.name}.creating-*"):  # a creation killed earlier (we hold the lock now)
+        stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    leftovers = [tmp] + [tmp.with_name(tmp.name + suffix) for suffix in ("-journal", "-wal", "-shm")]
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # opening the store creates and migrates every table
+        try:
+            client._tracking_client.store.engine.dispose()
+        except AttributeError:
+            pass
+        os.replace(tmp, db)
+    except BaseException as exc:
+        for f in leftovers:
+            f.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _is_disk_full(exc):
+            raise DataError(f"tracking.uri: no space left on the disk holding {db.parent} to create the MLflow "
+                            f"store {db.name} (nothing was left behind); free space there or put the store on "
+                            "another disk: paths.mlruns_dir=<folder>") from None
+        raise
+
+
 def _lock_path(uri: str, artifact_location: str | None) -> Path:
     db = sqlite_path(uri)
     if db is not None:
@@ -109,14 +263,27 @@ def _lock_path(uri: str, artifact_location: str | None) -> Path:
 
 
 def prepare_experiment(uri: str, experiment_name: str, artifact_location: str | None) -> tuple[Any, str]:
-    """Create (migrate) the store and get-or-create the experiment under a file lock; return (client, id)."""
+    """Create (migrate) the store and get-or-create the experiment under a file lock; return (client, id).
+
+    A SQLite store is checked first (:func:`_sqlite_store_problem`: a half-created one is named with its fix) and a
+    new one is created aside and renamed into place (:func:`_create_sqlite_store`)."""
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
+
+    from featstudy.errors import DataError
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = normalise_uri(uri)
     check_store(uri)
+    db = sqlite_path(uri)
     with FileLock(str(_lock_path(uri, artifact_location)), timeout=600):
+        if db is not None:
+            problem = _sqlite_store_problem(db)
+            if problem is not None:
+                raise DataError(f"tracking.uri: {db} is a half-created MLflow store ({problem}); move it aside "
+                                f"(mv {db} {db}.broken) or delete it, and rerun")
+            if not db.exists() or db.stat().st_size == 0:
+                _create_sqlite_store(db)
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment_name)
         if exp is None:
@@ -160,6 +327,40 @@ def apply_http_settings(t: Any) -> None:
         value = t.get(key) if hasattr(t, "get") else None
         if value is not None:
             os.environ[env] = str(int(value) if env != "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER" else float(value))
+
+
+def log_table(client: Any, run_id: str, data: Mapping[str, list], artifact_file: str) -> None:
+    """Write ``data`` (column -> values) as ``artifact_file`` of the run, replacing what is there.
+
+    The file has the format ``MlflowClient.log_table`` writes (pandas' ``orient="split"`` JSON without index,
+    ``{"columns": [...], "data": [[...], ...]}``; floats at full precision, NaN as null) and the run gets the same
+    ``mlflow.loggedArtifacts`` entry, so the UI shows it as a table. Unlike ``log_table``, which appends to an
+    existing file, it overwrites: an upload replayed after a lost ack (a process killed between the upload and its
+    journal line) cannot double the rows.
+    """
+    import math
+    import posixpath
+    import tempfile
+
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    def plain(v: Any) -> Any:
+        v = v.item() if hasattr(v, "item") else v  # numpy scalars
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    columns = [str(k) for k in data]
+    values = [list(v) for v in data.values()]
+    rows = [[plain(col[i]) for col in values] for i in range(len(values[0]) if values else 0)]
+    norm = posixpath.normpath(artifact_file)
+    folder = posixpath.dirname(norm) or None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / posixpath.basename(norm)
+        local.write_text(json.dumps({"columns": columns, "data": rows}, default=str), encoding="utf-8")
+        client.log_artifact(run_id, str(local), folder)
+    logged = json.loads(client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
 def _retry(fn: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1.0) -> Any:
@@ -312,6 +513,10 @@ class Tracker:
                                     artifact_location=artifact_location, run_name=run_name, tags=all_tags,
                                     parent_run_id=parent_run_id, sweep_dir=str(sweep_dir) if sweep_dir else None)
             all_tags["featstudy.journal_id"] = journal.journal_id
+            # true until the end status reached the store: a run left behind by an outage is findable
+            # (tags.`featstudy.incomplete` = 'true') even when the store never heard of the job again
+            all_tags["featstudy.incomplete"] = "true"
+            all_tags["featstudy.sync_command"] = f"python -m featstudy.sync {journal.folder}"
         try:
             client, exp_id = prepare_experiment(uri, experiment_name, artifact_location)
             run = _retry(lambda: client.create_run(exp_id, tags=all_tags, run_name=run_name), "create_run",
@@ -346,15 +551,8 @@ class Tracker:
                   f"python -m featstudy.sync {self.journal.folder} --tracking-uri URI", file=sys.stderr, flush=True)
             return
         if self.broken is not None:
-            # Uploads are incomplete: the run is left as it is (ACTIVE, or absent) for `featstudy.sync` to complete;
-            # a tag tells the UI why, when the store answers at all.
-            if self.client is not None and self.run_id is not None:
-                try:
-                    self.client.set_tag(self.run_id, "featstudy.incomplete",
-                                        f"uploads failed; run python -m featstudy.sync {self.journal.folder}"
-                                        if self.journal else "uploads failed")
-                except Exception:  # noqa: BLE001
-                    pass
+            # Uploads are incomplete: the run is left as it is (RUNNING with featstudy.incomplete=true, set when it
+            # was created, or absent) for `featstudy.sync` to complete.
             if self.journal is not None:
                 print(f"[featstudy] MLflow uploads incomplete ({str(self.broken).splitlines()[0][:200]}); "
                       f"log them later: python -m featstudy.sync {self.journal.folder}", file=sys.stderr, flush=True)
@@ -362,6 +560,10 @@ class Tracker:
         try:
             _retry(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated",
                    self.retries, self.retry_delay)
+            if self.journal is not None:  # the status is in: the run is complete (ended before the tag: never
+                # RUNNING with incomplete=false; a failure here leaves the end unacked, for sync to finish)
+                _retry(lambda: self.client.set_tag(self.run_id, "featstudy.incomplete", "false"), "set_tag",
+                       self.retries, self.retry_delay)
             if seq is not None:
                 self.journal.ack(seq, self.run_id)
         except Exception as exc:  # noqa: BLE001
@@ -433,10 +635,9 @@ class Tracker:
             self._safe("log_batch(metrics)", lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), seq)
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
-        """A table through MLflow's table API (JSON, shown in the UI's table views)."""
+        """A table in MLflow's table format (JSON, shown in the UI's table views), see :func:`log_table`."""
         seq = self._record("table", data={k: list(v) for k, v in data.items()}, artifact_file=artifact_file)
-        self._safe("log_table",
-                   lambda: self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file), seq)
+        self._safe("log_table", lambda: log_table(self.client, self.run_id, data, artifact_file), seq)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -474,11 +675,19 @@ class SweepCallback(_HydraCallback):
     and the parent run (ACTIVE until the sweep ends) and writes its id into the sweep folder, where the jobs (also
     in joblib/loky worker processes) read it. ``on_multirun_end`` ends the parent: FAILED when any child failed or
     was killed, else FINISHED.
+
+    Both ``on_run_start`` and ``on_multirun_start`` first move the credentials of ``tracking.uri`` out of the config
+    and of Hydra's overrides (:func:`strip_credentials`), before Hydra writes ``.hydra/*.yaml`` or
+    ``multirun.yaml`` or launches the sweep's jobs.
     """
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        strip_credentials(config)
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from featstudy import __version__
 
+        strip_credentials(config)
         t = config.tracking
         uri = normalise_uri(str(t.uri)) if t.uri is not None else None
         launcher = str(config.hydra.launcher.get("_target_", ""))
@@ -655,163 +864,8 @@ def child_runs(uri: str, parent_run_id: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- sync (replay)
 
-def is_job_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` is a job's output folder with a tracking journal."""
-    return (Path(folder) / JOURNAL_FILE).is_file()
-
-
-def _target_artifact_location(uri: str, start: Mapping[str, Any]) -> str | None:
-    if uri == start.get("uri"):
-        return start.get("artifact_location")
-    db = sqlite_path(uri)
-    return str(db.parent / "artifacts") if db is not None else None
-
-
-def _run_exists(client: Any, run_id: str | None) -> bool:
-    if not run_id:
-        return False
-    try:
-        return client.get_run(run_id).info.lifecycle_stage != "deleted"
-    except Exception as exc:  # noqa: BLE001 - RESOURCE_DOES_NOT_EXIST: a run of another store
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
-            return False
-        raise
-
-
-def _sweep_parent(client: Any, exp_id: str, uri: str, start: Mapping[str, Any]) -> str | None:
-    """The parent run for a synced sweep child: the original one when the target store has it, else the run tagged
-    with the sweep folder (created once, under the store's file lock)."""
-    if _run_exists(client, start.get("parent_run_id")):
-        return start["parent_run_id"]
-    sweep_dir = start.get("sweep_dir")
-    if not sweep_dir:
-        return None
-    from filelock import FileLock
-
-    with FileLock(str(_lock_path(uri, _target_artifact_location(uri, start))), timeout=600):
-        found = client.search_runs([exp_id], max_results=1,
-                                   filter_string=f"tags.`featstudy.role` = 'sweep' and "
-                                                 f"tags.`featstudy.sweep_dir` = '{sweep_dir}'")
-        if found:
-            return found[0].info.run_id
-        info_file = Path(sweep_dir) / SWEEP_FILE
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        tags = dict(info.get("tags") or {"featstudy.role": "sweep", "featstudy.sweep_dir": sweep_dir})
-        tags["featstudy.synced"] = "true"
-        run = client.create_run(exp_id, tags=tags, run_name=info.get("run_name") or f"sweep: {sweep_dir}")
-        return run.info.run_id
-
-
 def sync_job(folder: str | Path, tracking_uri: str | None = None) -> tuple[str, str | None]:
-    """Log a job from its journal into ``tracking_uri`` (default: the job's own store), once.
+    """Log a job from its journal, once: :func:`featstudy.sync.sync_job` (kept here for existing callers)."""
+    from featstudy.sync import sync_job as _sync_job
 
-    Returns ``(outcome, run_id)`` with outcome ``already logged`` (every upload had succeeded), ``already synced``
-    (the marker ``mlflow_synced`` names a run the store has, or the store has a synced run of this journal),
-    ``completed`` (the job's own partial run, found in the store, got what it was missing) or ``logged`` (a new run
-    with every param, tag, metric step, artifact and table). A synced run carries ``featstudy.synced=true`` and the
-    job's real status (KILLED when the journal has no end: the process died); a sweep child gets its sweep's parent.
-    Every replayed operation is acknowledged in the journal for the target run, so an interrupted sync resumes.
-    """
-    from mlflow.entities import Metric, Param, RunTag
-
-    folder = Path(folder).absolute()
-    j = Journal.read(folder)
-    start, ops = j["start"], j["ops"]
-    job_uri = normalise_uri(str(start["uri"])) if start.get("uri") else None
-    if tracking_uri is None and job_uri is None:
-        raise FeatstudyError(f"{folder}: this job ran with tracking.uri=null; name the store to log it into with "
-                             "--tracking-uri URI")
-    uri = normalise_uri(tracking_uri) if tracking_uri else job_uri
-    own = j["run_id"]
-    own_acked = j["acks"].get(own, set()) if own else set()
-    if uri == job_uri and own and all(op["seq"] in own_acked for op in ops) and any(op["op"] == "end" for op in ops):
-        return "already logged", own
-
-    client, exp_id = prepare_experiment(uri, str(start["experiment_name"]), _target_artifact_location(uri, start))
-    marker = folder / SYNCED_FILE
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("uri") == uri and _run_exists(client, done.get("run_id")):
-            return "already synced", done["run_id"]
-    # the store itself: a run of this journal (the job's partial run, or one synced before the marker was written)
-    found = client.search_runs([exp_id], max_results=10, order_by=["attributes.start_time ASC"],
-                               filter_string=f"tags.`featstudy.journal_id` = '{start['journal_id']}'")
-    synced = [r for r in found if r.data.tags.get("featstudy.synced") == "true"
-              and r.data.tags.get("featstudy.sync_complete") == "true"]
-    if synced:
-        run_id = synced[0].info.run_id
-        outcome = "already synced"
-    else:
-        if found:
-            run_id = found[0].info.run_id
-        elif uri == job_uri and _run_exists(client, own):
-            run_id = own
-        else:
-            tags = dict(start.get("tags") or {})
-            tags.pop("mlflow.parentRunId", None)
-            parent = _sweep_parent(client, exp_id, uri, start)
-            if parent:
-                tags["mlflow.parentRunId"] = parent
-            tags.update({"featstudy.journal_id": start["journal_id"], "featstudy.synced": "true"})
-            run_id = client.create_run(exp_id, tags=tags, run_name=start.get("run_name"),
-                                       start_time=int(float(start.get("time", time.time())) * 1000)).info.run_id
-        outcome = "completed" if run_id == own else "logged"
-        journal = Journal(folder)
-        done = j["acks"].get(run_id, set())
-        status, end_time, missing = None, None, []
-        for op in ops:
-            if op["op"] == "end":
-                status, end_time = op["status"], int(float(op["time"]) * 1000)
-                continue
-            if op["seq"] in done:
-                continue
-            kind = op["op"]
-            if kind == "params":
-                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in op["params"].items()])
-            elif kind == "tags":
-                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
-            elif kind == "metrics":
-                client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step))
-                                                  for k, v, ts, step in op["metrics"]])
-            elif kind == "table":
-                client.log_table(run_id, data=op["data"], artifact_file=op["artifact_file"])
-            elif kind == "artifact":
-                path = Path(op["path"]) if Path(op["path"]).is_absolute() else folder / op["path"]
-                if not path.exists():
-                    missing.append(op["path"])
-                    continue
-                if path.is_dir():
-                    client.log_artifacts(run_id, str(path), op.get("artifact_path"))
-                else:
-                    client.log_artifact(run_id, str(path), op.get("artifact_path"))
-            journal.ack(op["seq"], run_id)
-        tags = {"featstudy.synced": "true", "featstudy.sync_complete": "true",
-                "featstudy.synced_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "featstudy.incomplete": "false"}
-        if status is None:
-            status = "KILLED"
-            tags["featstudy.sync_note"] = "the journal has no end: the job's process died; marked KILLED"
-        if missing:
-            tags["featstudy.sync_missing"] = ",".join(missing)[:5000]
-            log.warning("%s: %d journaled file(s) are gone and were not logged: %s", folder, len(missing), missing)
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        client.set_terminated(run_id, status=status, end_time=end_time)
-    from featstudy.store import atomic_write_text
-
-    atomic_write_text(marker, json.dumps({"uri": uri, "run_id": run_id, "outcome": outcome,
-                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    return outcome, run_id
-
-
-def end_synced_sweeps(uri: str, sweep_dirs: Iterable[str | Path], experiment_name: str) -> None:
-    """End the sweep parents that sync created or that were left ACTIVE (status from their children)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=normalise_uri(uri))
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        return
-    for sweep_dir in sweep_dirs:
-        for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`featstudy.role` = 'sweep' and "
-                                                                       f"tags.`featstudy.sweep_dir` = '{sweep_dir}'"):
-            if r.info.status in ("RUNNING", "SCHEDULED"):
-                end_sweep(normalise_uri(uri), r.info.run_id)
+    return _sync_job(folder, tracking_uri)

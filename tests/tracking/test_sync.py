@@ -145,7 +145,8 @@ def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, help
     folder = job_folder(tmp_path)
     (partial,) = runs_in(uri)
     assert partial.info.status == "RUNNING"
-    assert "featstudy.sync" in partial.data.tags["featstudy.incomplete"]
+    assert partial.data.tags["featstudy.incomplete"] == "true"
+    assert partial.data.tags["featstudy.sync_command"] == f"python -m featstudy.sync {folder}"
     assert "dataset.name" in partial.data.params and not partial.data.metrics
     expected = journaled(folder)
 
