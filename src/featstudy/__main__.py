@@ -139,6 +139,12 @@ def main() -> None:
     if not full:
         sys.stderr = _QuietJobErrors(stderr)
     interrupted = failed = False
+    import warnings
+
+    # Hydra warns about a callback's exception, then re-raises it: a user error raised by featstudy's sweep callback
+    # (bad tracking.uri, task_name...) is reported once, in the one line below
+    warnings.filterwarnings("ignore", message=r"Callback SweepCallback\.\w+ raised (ConfigError|DataError)",
+                            category=UserWarning)
     try:
         _entry()
     except KeyboardInterrupt:

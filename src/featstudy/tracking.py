@@ -75,30 +75,53 @@ def normalise_uri(uri: str) -> str:
 
 #: MLflow reads HTTP basic-auth credentials from these at every request
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+#: where a database URI's password goes: the variable its client library reads (libpq, libmysqlclient)
+DATABASE_PASSWORD_ENV = {"postgresql": "PGPASSWORD", "postgres": "PGPASSWORD", "mysql": "MYSQL_PWD"}
 _USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s'\"\[\],]+@")
+_DB_PASSWORD = re.compile(r"(?i)\b((?!https?://)[a-z][a-z0-9+.\-]*://[^/@:\s'\"\[\],]*):[^/@\s'\"\[\],]*@")
 
 
 def redact(text: str) -> str:
-    """``text`` with the ``user:password@`` of every http(s) URL in it removed (overrides, log lines)."""
-    return _USERINFO.sub(r"\1", text)
+    """``text`` with the ``user:password@`` of every http(s) URL in it removed, and the ``:password`` of every other
+    URL (``postgresql://user:password@host/db`` -> ``postgresql://user@host/db``): overrides, log lines, files."""
+    return _USERINFO.sub(r"\1", _DB_PASSWORD.sub(r"\1@", text))
 
 
 def use_credentials(uri: str) -> str:
-    """The URI without its ``user:password@``, which goes (URL-decoded) into ``MLFLOW_TRACKING_USERNAME`` /
-    ``MLFLOW_TRACKING_PASSWORD`` of this process (and the jobs it launches): MLflow sends them as HTTP basic auth,
-    and the secret is never written where the URI is (params, config files, journal, logs). Other URIs unchanged."""
+    """The URI without its secret, which goes into this process's environment (and the jobs it launches), so it is
+    never written where the URI is (params, config files, journal, logs):
+
+    * http(s): ``user:password@`` (URL-decoded) -> ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, which
+      MLflow sends as HTTP basic auth;
+    * ``postgresql[+driver]``/``mysql[+driver]``: the password -> ``PGPASSWORD`` / ``MYSQL_PWD``, read by the
+      database's client library; the user stays in the URI;
+    * any other URI holding a password: refused (:class:`ConfigError`), as it could only be written in clear.
+    """
     from urllib.parse import unquote, urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+    if "@" not in parts.netloc:
         return uri
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user, has_password, password = userinfo.partition(":")
-    if user:
-        os.environ[CREDENTIAL_ENV[0]] = unquote(user)
-    if has_password:
-        os.environ[CREDENTIAL_ENV[1]] = unquote(password)
-    return urlunsplit(parts._replace(netloc=hostport))
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        if user:
+            os.environ[CREDENTIAL_ENV[0]] = unquote(user)
+        if has_password:
+            os.environ[CREDENTIAL_ENV[1]] = unquote(password)
+        return urlunsplit(parts._replace(netloc=hostport))
+    if not has_password:
+        return uri
+    env = DATABASE_PASSWORD_ENV.get(scheme.split("+", 1)[0])
+    if env is None:
+        from featstudy.errors import ConfigError
+
+        raise ConfigError(f"tracking.uri: a password inside a {parts.scheme}:// URI would be written in clear into the "
+                          "run's params and config files; use a tracking server and MLFLOW_TRACKING_USERNAME / "
+                          "MLFLOW_TRACKING_PASSWORD, or the database client's own password variable or file")
+    os.environ[env] = unquote(password)
+    return urlunsplit(parts._replace(netloc=f"{user}@{hostport}"))
 
 
 def strip_credentials(cfg: Any) -> None:
@@ -322,11 +345,19 @@ def ui_command(uri: str) -> str:
 
 def apply_http_settings(t: Any) -> None:
     """Export ``tracking.http_*`` as MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables (read by MLflow at each call), so
-    an unreachable server costs seconds, not minutes. Unset keys leave MLflow's defaults."""
+    an unreachable server costs seconds, not minutes. Unset keys leave MLflow's defaults. ``http_max_retries`` also
+    bounds MLflow's retries when it opens a database URI directly."""
     for key, env in HTTP_SETTINGS.items():
         value = t.get(key) if hasattr(t, "get") else None
         if value is not None:
             os.environ[env] = str(int(value) if env != "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER" else float(value))
+    retries = t.get("http_max_retries") if hasattr(t, "get") else None
+    if retries is not None:
+        # a database URI (postgresql://...) is opened by MLflow's create_sqlalchemy_engine_with_retry: 10 tries,
+        # 0.1 * (2^n - 1) s apart, about 100 s against a dead server; the same budget as the HTTP client instead
+        from mlflow.store.db import utils as db_utils
+
+        db_utils.MAX_RETRY_COUNT = int(retries) + 1
 
 
 def log_table(client: Any, run_id: str, data: Mapping[str, list], artifact_file: str) -> None:

@@ -129,3 +129,45 @@ def test_sync_takes_the_credentials_from_mlflows_environment_variables(recorder,
     assert synced.returncode == 1 and SECRET not in synced.stdout + synced.stderr
     assert recorder.requests and {auth for _, _, auth in recorder.requests} == {EXPECTED_AUTH}
     assert json.loads((folder / tracking.JOURNAL_FILE).read_text().splitlines()[0])["uri"] is None
+
+
+def test_a_database_uri_keeps_its_user_and_hands_its_password_to_the_client_library(monkeypatch):
+    """By hand: the password leaves the URI for the variable libpq (``PGPASSWORD``) or libmysqlclient (``MYSQL_PWD``)
+    reads; the user and everything else stay; text holding such a URI is redacted the same way."""
+    for var in ("PGPASSWORD", "MYSQL_PWD"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"postgresql+psycopg://mlflow:{SECRET}%21@db.example.org:5433/mlflow?sslmode=require"
+    assert tracking.normalise_uri(uri) == "postgresql+psycopg://mlflow@db.example.org:5433/mlflow?sslmode=require"
+    assert os.environ["PGPASSWORD"] == SECRET + "!"  # URL-decoded
+    assert tracking.normalise_uri(f"mysql://root:{SECRET}@h/db") == "mysql://root@h/db"
+    assert os.environ["MYSQL_PWD"] == SECRET
+    line = f"tracking.uri={uri} and http://u:{SECRET}@h:1"
+    assert tracking.redact(line) == ("tracking.uri=postgresql+psycopg://mlflow@db.example.org:5433/mlflow?sslmode=require"
+                                     " and http://h:1")
+    assert tracking.normalise_uri("postgresql://mlflow@h/db") == "postgresql://mlflow@h/db"  # no password: as is
+
+
+def test_a_password_in_a_database_uri_is_written_nowhere(tmp_path, image_folder, helpers, cache):
+    """A real job against a PostgreSQL URI whose server is down: it goes offline (exit 0), and no file, no output
+    holds the password; a URI scheme whose client reads no password variable is refused in one line (exit 2)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.uri=")]
+    uri = f"postgresql+psycopg://mlflow:{SECRET}@127.0.0.1:{port}/mlflow"
+    cmd = [sys.executable, "-m", "featstudy", *overrides, cache, *LIGHT, *FAST_FAILURE, f"tracking.uri={uri}"]
+    done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert SECRET not in done.stdout + done.stderr
+    assert files_holding(tmp_path, SECRET) == []
+    (folder,) = [p.parent for p in tmp_path.rglob(tracking.JOURNAL_FILE)]
+    assert tracking.Journal.read(folder)["start"]["uri"] == f"postgresql+psycopg://mlflow@127.0.0.1:{port}/mlflow"
+
+    refused = subprocess.run([*cmd[:-1], f"tracking.uri=mssql+pyodbc://sa:{SECRET}@127.0.0.1:{port}/mlflow"],
+                             env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("featstudy: error: tracking.uri:"), refused.stderr[-3000:]
+    assert SECRET not in refused.stdout + refused.stderr
