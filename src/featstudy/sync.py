@@ -40,7 +40,7 @@ from typing import Any
 from featstudy.errors import EXIT_USAGE, FeatstudyError
 from featstudy.tracking import (HTTP_SETTINGS, JOURNAL_FILE, SWEEP_FILE, SYNCED_FILE, Journal, _lock_path,
                                 apply_http_settings, end_sweep, log_table, normalise_uri, prepare_experiment,
-                                redact, sqlite_path)
+                                redact, sqlite_path, store_failure)
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - the store is still unreachable: say so, go on with the others
             failed += 1
-            print(f"[featstudy.sync] {job}: FAILED, store unreachable? ({redact(str(exc).splitlines()[0][:300])})",
-                  file=sys.stderr)
+            print(f"[featstudy.sync] {job}: FAILED, store unreachable? ({store_failure(exc)})", file=sys.stderr)
             continue
         print(f"[featstudy.sync] {job}: {outcome} (run {run_id})")
         start = Journal.read(job)["start"]

@@ -343,6 +343,16 @@ def ui_command(uri: str) -> str:
 
 # --------------------------------------------------------------------------------------------- one run
 
+def store_failure(exc: BaseException) -> str:
+    """The first line of a tracking store's error, and the fix when the server refused the login (HTTP 401/403: a
+    server started with MLflow's basic-auth, e.g. ``make tracking-server``), which is no outage."""
+    first = redact(str(exc).splitlines()[0][:300]) if str(exc) else type(exc).__name__
+    if re.search(r"\b(401|403)\b|Unauthorized|not authenticated|Permission denied", str(exc), re.IGNORECASE):
+        first += ("; the server refused the login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (for "
+                  "make tracking-server: eval \"$(scripts/tracking_server.sh env)\")")
+    return first
+
+
 def apply_http_settings(t: Any) -> None:
     """Export ``tracking.http_*`` as MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables (read by MLflow at each call), so
     an unreachable server costs seconds, not minutes. Unset keys leave MLflow's defaults. ``http_max_retries`` also
@@ -558,8 +568,8 @@ class Tracker:
             if journal is None:
                 raise
             log.error("MLflow store %s unreachable (%s); the job goes on offline, every result stays in %s. "
-                      "Log it later: python -m featstudy.sync %s", uri, str(exc).splitlines()[0][:300],
-                      journal.folder, journal.folder)
+                      "Log it later: python -m featstudy.sync %s", uri, store_failure(exc), journal.folder,
+                      journal.folder)
             tracker = cls(None, None, uri, None, journal, retries, retry_delay)
             tracker.broken = exc
             return tracker
@@ -585,7 +595,7 @@ class Tracker:
             # Uploads are incomplete: the run is left as it is (RUNNING with featstudy.incomplete=true, set when it
             # was created, or absent) for `featstudy.sync` to complete.
             if self.journal is not None:
-                print(f"[featstudy] MLflow uploads incomplete ({str(self.broken).splitlines()[0][:200]}); "
+                print(f"[featstudy] MLflow uploads incomplete ({store_failure(self.broken)}); "
                       f"log them later: python -m featstudy.sync {self.journal.folder}", file=sys.stderr, flush=True)
             return
         try:
@@ -749,7 +759,7 @@ class SweepCallback(_HydraCallback):
             raise
         except Exception as exc:  # noqa: BLE001 - the jobs run offline; sync creates the parent later
             log.error("MLflow store %s unreachable (%s); the sweep runs offline. Log it later: "
-                      "python -m featstudy.sync %s", uri, str(exc).splitlines()[0][:300], sweep_dir)
+                      "python -m featstudy.sync %s", uri, store_failure(exc), sweep_dir)
             return
         atomic_write_text(sweep_dir / PARENT_ID_FILE, run.info.run_id + "\n")
         _OPEN_SWEEPS[run.info.run_id] = uri

@@ -34,8 +34,9 @@ def clean_env() -> dict[str, str]:
 class Recorder(http.server.ThreadingHTTPServer):
     """An HTTP server on a free loopback port that records (method, path, Authorization) and answers 503."""
 
-    def __init__(self):
+    def __init__(self, status: int = 503):
         self.requests: list[tuple[str, str, str | None]] = []
+        self.status = status
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -44,7 +45,7 @@ class Recorder(http.server.ThreadingHTTPServer):
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
-                self.send_response(503)
+                self.send_response(recorder.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -171,3 +172,26 @@ def test_a_password_in_a_database_uri_is_written_nowhere(tmp_path, image_folder,
     errors = [line for line in refused.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("featstudy: error: tracking.uri:"), refused.stderr[-3000:]
     assert SECRET not in refused.stdout + refused.stderr
+
+
+def test_a_refused_login_is_said_so_with_the_fix(tmp_path, image_folder, helpers, cache):
+    """A server that answers 401 (MLflow's basic-auth without credentials) is no outage: the job goes on offline, as
+    for any store failure, and its error line says the login was refused and which variables to set; so does sync."""
+    server = Recorder(status=401)
+    try:
+        uri = f"http://127.0.0.1:{server.port}"
+        overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.uri=")]
+        done = subprocess.run([sys.executable, "-m", "featstudy", *overrides, cache, *LIGHT, *FAST_FAILURE,
+                               f"tracking.uri={uri}"], env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [x for x in done.stderr.splitlines() if "MLflow uploads incomplete" in x]
+        assert len(lines) == 1, done.stderr[-3000:]
+        line = lines[0]
+        assert "the server refused the login" in line and "MLFLOW_TRACKING_USERNAME" in line
+        (folder,) = [p.parent for p in tmp_path.rglob(tracking.JOURNAL_FILE)]
+        synced = subprocess.run([sys.executable, "-m", "featstudy.sync", str(folder), "--http-max-retries", "0"],
+                                env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert synced.returncode == 1 and "the server refused the login" in synced.stderr, synced.stderr[-2000:]
+    finally:
+        server.shutdown()
+        server.server_close()
