@@ -133,7 +133,8 @@ class _QuietJobErrors:
 
 def main() -> None:
     """Console entry point (``featstudy`` / ``python -m featstudy``)."""
-    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    full = previous == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so errors are reported here in one line
     stderr = sys.stderr
     if not full:
@@ -162,6 +163,10 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     finally:
         sys.stderr = stderr
+        if previous is None:  # as it was: a caller in the same process (tests, notebooks) keeps its setting
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
         from featstudy.tracking import end_open_sweeps
 
         end_open_sweeps(interrupted=interrupted, failed=failed)

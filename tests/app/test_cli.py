@@ -156,3 +156,14 @@ def test_bad_input_exits_2_with_one_line_naming_the_key_or_path(case, bad_input_
         assert name in lines[0], (name, lines[0])
     assert "Traceback" not in stderr
     assert not list(tmp.rglob("DONE"))  # nothing was extracted
+
+
+def test_main_leaves_hydra_full_error_as_it_found_it(monkeypatch, helpers):
+    """main() sets HYDRA_FULL_ERROR=1 for Hydra while it runs; a caller in the same process (a test, a notebook)
+    must find its own setting afterwards, or every later subprocess prints tracebacks instead of one line."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert helpers.run_cli(["dataset=nope"], monkeypatch) == 2
+    assert "HYDRA_FULL_ERROR" not in os.environ
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    assert helpers.run_cli(["dataset=nope"], monkeypatch) == 2
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"
