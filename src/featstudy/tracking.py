@@ -709,6 +709,17 @@ except ImportError:  # pragma: no cover
     _HydraCallback = object  # type: ignore[misc,assignment]
 
 
+def fresh_joblib_workers() -> None:
+    """Shut down joblib's reusable loky workers left by an earlier sweep in this process (a notebook, a test
+    session): they were started with that time's environment, so a sweep's jobs would miss what was set since
+    (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, the credentials moved out of ``tracking.uri``,
+    ``CUDA_VISIBLE_DEVICES``) and be refused by the server or see other GPUs. The launcher then starts new ones."""
+    module = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(module, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
 class SweepCallback(_HydraCallback):
     """Hydra callback: one MLflow parent run per multirun, created before any job starts.
 
@@ -732,6 +743,8 @@ class SweepCallback(_HydraCallback):
         t = config.tracking
         uri = normalise_uri(str(t.uri)) if t.uri is not None else None
         launcher = str(config.hydra.launcher.get("_target_", ""))
+        if "joblib" in launcher:
+            fresh_joblib_workers()
         parallel = any(x in launcher for x in ("joblib", "submitit", "ray", "rq"))
         if uri is not None and sqlite_path(uri) is not None and parallel:
             log.warning("A parallel launcher (%s) with a SQLite store: writes are serialised by SQLite's lock and "
