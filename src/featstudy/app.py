@@ -7,9 +7,11 @@ It returns ``(metrics, objects)`` so tests can call it without the CLI.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -66,7 +68,12 @@ def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
 
 
 def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
-    """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep."""
+    """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep.
+
+    A DDP setting is refused in one line; ``trainer.devices=auto`` (Lightning: every GPU, then DDP) and ``1`` become
+    one device, GPU ``job number % visible GPUs`` where several are visible (joblib jobs share the machine's GPUs;
+    a submitit job sees its own), logged and recorded in the job's params (:func:`distributed.sweep_devices`).
+    """
     hc = _hydra_runtime()
     if hc is None or "trainer" not in cfg:
         return
@@ -81,6 +88,19 @@ def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={nodes}: a sweep (-m) cannot run DDP jobs; "
                           "sweep single-device jobs (trainer.devices=1, one per GPU through the launcher), or run "
                           "the multi-GPU extraction as a separate call without -m")
+    if hc.mode == RunMode.MULTIRUN:
+        import torch
+
+        from featstudy.extraction.distributed import sweep_devices
+
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        chosen = sweep_devices(devices, str(cfg.trainer.get("accelerator", "auto")), int(hc.job.num), n_gpus)
+        if chosen != devices:
+            log.info("sweep job %s: trainer.devices=%s -> %s (%d GPU(s) visible)", hc.job.num, devices, chosen, n_gpus)
+            from omegaconf import open_dict
+
+            with open_dict(cfg):
+                cfg.trainer.devices = chosen
 
 
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
@@ -97,16 +117,29 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         validate(cfg)
         _refuse_ddp_in_a_sweep(cfg)
         resolve_paths(cfg)
-        from featstudy.extraction import env_rank
+        from featstudy.tracking import strip_credentials
 
-        rank = env_rank()
+        strip_credentials(cfg)  # user:password@ of tracking.uri -> MLFLOW_TRACKING_*: written nowhere
+        from featstudy.extraction import env_rank
+        from featstudy.extraction.distributed import check_accelerator
+
+        from featstudy.config import restore_launcher_gpus
+
+        restore_launcher_gpus()  # hydra/launcher=local: the GPUs the launching command saw, before CUDA starts
+        check_accelerator(cfg)  # trainer.accelerator=gpu with no visible CUDA device: one line, not a CPU run
+        rank = env_rank(cfg)  # from Lightning's cluster environment (an inherited SLURM_PROCID is not a rank)
         if rank != 0:  # a DDP rank started by Lightning or srun: it helps extract; rank 0 alone tracks and analyses
             log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
             handle = _get_embedding(cfg)
             return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
         output_dir = Path(cfg.paths.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        claim = _claim_output_dir(output_dir)
+        try:
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise _disk_error(exc, output_dir) from exc
 
         digest = config_hash(cfg)
         if cfg.tracking.get("resume") and cfg.tracking.uri is not None:
@@ -116,12 +149,14 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             if done is not None:
                 print(f"[featstudy] tracking.resume: skipped, identical FINISHED run {done.info.run_id} "
                       f"({done.data.tags.get('featstudy.output_dir', '')})", file=sys.stderr)
+                claim.release()
                 return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id, "skipped": True}
 
         run_name, parent = _run_identity(cfg)
         sha = git_sha(Path(__file__).resolve().parent, Path(cfg.paths.root_dir))
         tags = {"featstudy.version": __version__, "version": __version__,
-                "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest}
+                "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest,
+                "featstudy.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
         if sha:
             tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
         hc = _hydra_runtime()
@@ -143,22 +178,106 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         except FeatstudyError as exc:  # a user error: one line (HYDRA_FULL_ERROR=1 shows the traceback)
             log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc)
             raise
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                log.exception("run failed: MLflow run marked FAILED")
+                raise
+            error = _disk_error(exc, output_dir)  # a full disk: one line, exit 2, not a traceback
+            log.error("run failed: %s (MLflow run marked FAILED)", error)
+            raise error from exc
         except Exception:
             log.exception("run failed: MLflow run marked FAILED")
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            if status == "FINISHED":
-                tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
-            tracker.end(status)
-            # the job's own status file, next to its outputs (a sweep can be audited without MLflow)
-            (output_dir / "status.txt").write_text(
-                f"{status}\t{getattr(tracker, 'run_id', None) or '-'}\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\n",
-                encoding="utf-8")
+            try:
+                if status == "FINISHED":
+                    tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
+                tracker.end(status)
+            except OSError as exc:  # the journal's disk is full: the run's end is reported, not a second traceback
+                log.error("could not record the run's end (%s: %s)", exc.strerror, exc.filename or output_dir)
+            # the job's own status file, next to its outputs (a sweep can be audited without MLflow); written
+            # atomically, so a full disk leaves the old file or none, never an empty one
+            from featstudy.store import atomic_write_text
+
+            try:
+                atomic_write_text(output_dir / "status.txt", f"{status}\t{getattr(tracker, 'run_id', None) or '-'}"
+                                  f"\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            except OSError as exc:
+                log.error("could not write %s (%s)", output_dir / "status.txt", exc.strerror or exc)
+            claim.release()
             print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
 
     return wrapped
+
+
+#: errno values of a full disk or an exhausted quota
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_error(exc: OSError, output_dir: Path) -> Exception:
+    """A full disk under the output folder as a one-line :class:`DataError` naming the folder and the fix; any
+    other OSError is returned unchanged."""
+    from featstudy.errors import DataError
+
+    if exc.errno not in DISK_FULL:
+        return exc
+    return DataError(f"paths.output_dir: cannot write {exc.filename or output_dir} ({exc.strerror}); free space on "
+                     f"the disk holding {output_dir}, or write elsewhere: paths.log_dir=<folder on another disk>")
+
+
+class _QuietFileLog:
+    """``handleError`` for Hydra's job log file: a full disk is reported once, in one line, instead of a
+    "--- Logging error ---" traceback for every record."""
+
+    def __init__(self, handler: logging.Handler):
+        self.handler, self.told = handler, False
+
+    def __call__(self, record: logging.LogRecord) -> None:
+        if not self.told:
+            self.told = True
+            exc = sys.exc_info()[1]
+            sys.stderr.write(f"[featstudy] cannot write the log file {getattr(self.handler, 'baseFilename', '')} "
+                             f"({getattr(exc, 'strerror', None) or exc}); logging goes on to the console only\n")
+
+
+#: the output folders this process holds (``.featstudy.lock`` path -> lock); one job at a time per process
+_CLAIMS: dict[str, Any] = {}
+
+
+def _claim_output_dir(output_dir: Path) -> Any:
+    """Create the job's output folder and hold ``.featstudy.lock`` in it for the job's life.
+
+    The run folder's name is already unique (``${unique_dir:}``, created atomically); this guards a folder chosen
+    by hand (``hydra.run.dir=...``, ``paths.output_dir=...``): a second job started there while the first runs is
+    refused in one line instead of mixing the two journals. The lock dies with its process, so a rerun in the same
+    folder later is allowed (its old journal is kept aside). Hydra's log file handlers are made quiet on a full disk.
+    """
+    from filelock import FileLock, Timeout
+
+    from featstudy.errors import ConfigError
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = str(output_dir / ".featstudy.lock")
+        stale = _CLAIMS.pop(path, None)
+        if stale is not None:  # this process's earlier job there, which ended without releasing it (it raised)
+            stale.release(force=True)
+        lock = FileLock(path, is_singleton=False)
+        lock.acquire(timeout=0)
+        _CLAIMS[path] = lock
+    except Timeout:
+        raise ConfigError(f"paths.output_dir: {output_dir} is in use by another running job; give each job its own "
+                          "folder (leave hydra.run.dir and paths.output_dir at their defaults)") from None
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise _disk_error(exc, output_dir) from exc
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and not isinstance(handler.handleError, _QuietFileLog):
+            handler.handleError = _QuietFileLog(handler)
+    return lock
 
 
 def _check_classes(cfg: DictConfig) -> None:

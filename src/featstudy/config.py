@@ -68,6 +68,11 @@ def _unique_dir(parent: str, key: str = "paths.log_dir", task_name: Any = None) 
     """
     import datetime
 
+    rank = _launch_rank()
+    if rank != 0:  # a helper rank of srun/torchrun: global rank 0 alone makes the run folder (issue 16, item 8)
+        import tempfile
+
+        return tempfile.mkdtemp(prefix=f"featstudy-rank{rank}-")
     base = Path(_abspath(parent))
     check_name_lengths(base / "0000-00-00_00-00-00_000000-4194304", key, task_name=task_name)
     try:
@@ -88,6 +93,44 @@ def _unique_dir(parent: str, key: str = "paths.log_dir", task_name: Any = None) 
                         f"write elsewhere, e.g. {key}=<folder on another disk>") from None
 
 
+#: variables by which a launcher (Lightning, srun, torchrun, jsrun, mpirun) tells a process its rank
+RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "RANK", "JSM_NAMESPACE_RANK",
+                  "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def _launch_rank() -> int:
+    """This process's global rank as Lightning will compute it (0 outside any launcher; Lightning is imported only
+    when a launcher variable is set)."""
+    if not any(var in os.environ for var in RANK_VARIABLES):
+        return 0
+    from featstudy.extraction.distributed import env_rank
+
+    return env_rank()
+
+
+#: the launching command's CUDA_VISIBLE_DEVICES, handed to the jobs of ``hydra/launcher=local``
+LAUNCHER_GPUS = "FEATSTUDY_LAUNCHER_CUDA_VISIBLE_DEVICES"
+
+
+def restore_launcher_gpus() -> None:
+    """In a job of submitit's local executor: the GPUs the launching command saw (:func:`_visible_gpu_count`)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and LAUNCHER_GPUS in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[LAUNCHER_GPUS]
+
+
+def _visible_gpu_count() -> int:
+    """``${visible_gpu_count:}``: the CUDA devices this process sees (``hydra/launcher=local`` gives them to its
+    jobs); 0 without CUDA. submitit's local executor exports ``CUDA_VISIBLE_DEVICES=0..n-1`` to every job: this
+    command's own ``CUDA_VISIBLE_DEVICES`` (e.g. ``2,3``) is passed on in :data:`LAUNCHER_GPUS`, which the job puts
+    back before touching CUDA (:func:`restore_launcher_gpus`)."""
+    import torch
+
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        os.environ[LAUNCHER_GPUS] = os.environ["CUDA_VISIBLE_DEVICES"]
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def register_resolvers() -> None:
     """Register featstudy's OmegaConf resolvers (idempotent). Called on import of this module, so both
     ``python -m featstudy`` and ``hydra.compose`` (tests, notebooks) have them before Hydra composes."""
@@ -95,6 +138,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("abspath", _abspath)
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("visible_gpu_count"):
+        OmegaConf.register_new_resolver("visible_gpu_count", _visible_gpu_count, use_cache=True)
 
 
 register_resolvers()

@@ -1,6 +1,7 @@
 """Launchers beyond one process: SLURM through hydra-submitit-launcher (the real launcher's sbatch array, handed to
 a fake ``sbatch``), the same kind of sweep end to end with submitit's local executor, 4 parallel joblib jobs on one
-fresh SQLite file, DDP refused inside a sweep, and a real 2-process CPU DDP run (gloo) of one job."""
+fresh SQLite file, DDP refused inside a sweep, and a real 2-process CPU DDP run (gloo) of one job; one device per
+sweep job, and the local preset's GPUs."""
 
 from __future__ import annotations
 
@@ -200,3 +201,63 @@ def test_ddp_two_cpu_processes_give_one_run_of_all_images(tmp_path, image_folder
     assert [e.get("op") for e in journal].count("start") == 1 and not list(out.glob("tracking_journal.jsonl.*"))
     assert proc.stderr.count("[featstudy] FINISHED: outputs in") == 1
     assert proc.stdout.count("[featstudy] figures:") == 1
+
+
+@pytest.mark.parametrize("n_gpus", [0, 1, 4])
+def test_each_sweep_job_gets_one_device_of_its_own(n_gpus):
+    """``trainer.devices`` of sweep job j: ``auto`` (Lightning: every GPU, then DDP re-running the sweep) and 1
+    become one device; with several GPUs visible to the job (joblib jobs share the machine's), GPU j mod n."""
+    from featstudy.extraction.distributed import sweep_devices
+
+    for job in range(6):
+        expected = [job % n_gpus] if n_gpus > 1 else 1
+        for devices in ("auto", 1):
+            for accelerator in ("auto", "gpu", "cuda"):
+                assert sweep_devices(devices, accelerator, job, n_gpus) == expected, (devices, accelerator, job)
+            assert sweep_devices(devices, "cpu", job, n_gpus) == 1
+        for explicit in ([3], 2, -1):  # an explicit choice is kept (a DDP one is refused elsewhere)
+            assert sweep_devices(explicit, "gpu", job, n_gpus) == explicit
+
+
+def _machine_gpus() -> int:
+    """The machine's GPUs, counted without torch: ``nvidia-smi -L`` (0 where there is none)."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def test_the_local_preset_gives_its_jobs_the_machines_gpus(helpers):
+    """``hydra/launcher=local`` asks submitit for as many GPUs as the machine has (submitit exports
+    CUDA_VISIBLE_DEVICES=0..n-1 to every job; with the old ``gpus_per_node: 0`` it exported "" and hid them)."""
+    n = _machine_gpus()
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        n = len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    from omegaconf import OmegaConf
+
+    cfg = helpers.compose(["hydra/launcher=local", "hydra.sweep.dir=/nonexistent/never-created"], hydra_config=True)
+    assert OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["gpus_per_node"] == n
+
+
+@pytest.mark.slow
+def test_a_local_sweep_runs_one_device_per_job_where_the_command_said(tmp_path, image_folder, helpers):
+    """Two jobs through submitit's local executor with the default ``trainer.devices=auto``: each job runs one
+    device (recorded in its params: ``1`` on this machine, ``[j % n]`` with n GPUs) and sees the GPUs of the
+    launching command: here it ran under CUDA_VISIBLE_DEVICES=7, which submitit would have replaced."""
+    from featstudy.config import LAUNCHER_GPUS
+
+    n = _machine_gpus()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HYDRA_FULL_ERROR", "0")
+        mp.delenv(LAUNCHER_GPUS, raising=False)
+        mp.setenv("CUDA_VISIBLE_DEVICES", "7")
+        over = [a for a in _cheap(tmp_path, image_folder, helpers) if not a.startswith("trainer.accelerator")]
+        rc = helpers.run_cli(["-m", "hydra/launcher=local", "hydra.launcher.timeout_min=10", *over,
+                              "analysis.bins=25,null"], mp)
+    assert rc == 0
+    children = _check_sweep(tmp_path, 2)
+    expected = ["1", "1"] if n < 2 else [str([job % n]) for job in range(2)]
+    assert sorted(r.data.params["trainer.devices"] for r in children) == expected
+    assert [r.data.tags["featstudy.cuda_visible_devices"] for r in children] == ["7", "7"]
