@@ -65,13 +65,13 @@ def _get(cfg, dotted: str, default=None):
     return default if node is None else node
 
 
-def env_rank() -> int:
-    """Global rank of this process from the launcher's environment (0 when not distributed): ``RANK`` (torchrun,
-    Lightning), ``SLURM_PROCID`` (srun), then ``LOCAL_RANK`` (Lightning's subprocess DDP children)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def env_rank(cfg=None) -> int:
+    """Global rank of this process (0 when not distributed), from the cluster environment Lightning itself picks:
+    an inherited ``SLURM_PROCID`` of an interactive shell, or Lightning's own multi-node launch (``NODE_RANK``),
+    cannot make a helper believe it is rank 0 (:func:`featstudy.extraction.distributed.env_rank`)."""
+    from featstudy.extraction.distributed import env_rank as _rank
+
+    return _rank(cfg)
 
 
 _env_rank = env_rank
@@ -159,13 +159,26 @@ def get_embedding(cfg) -> EmbeddingHandle:
     """
     from featstudy.store import damage, is_complete, move_aside
 
+    from featstudy.extraction import distributed as dist
+
     p = plan(cfg)
-    if is_complete(p.folder) and damage(p.folder) is None:  # checked against DONE's checksums (store.damage)
+    rank, timeout = _env_rank(cfg), dist.ddp_timeout_s(cfg)
+    # srun/torchrun start every rank themselves: the helpers do what rank 0 decides under the lock (reuse, extract
+    # with every rank, or wait while rank 0 extracts alone), never enter DDP on their own (issue 16, item 8)
+    decision = dist.Decision(p.folder, p.key) if dist.external_launch() else None
+    if rank != 0 and decision is not None:
+        action = decision.await_(timeout)["action"]
+        if action == "alone":
+            dist.await_done(p.folder, timeout)
+        if action != "ddp":
+            return _handle(p, hit=action == "hit")
+    elif is_complete(p.folder) and damage(p.folder) is None:  # checked against DONE's checksums (store.damage)
         log.info("embedding %s: cache hit (%s)", p.key, p.folder)
-        if _env_rank() == 0:
+        if rank == 0:
             shutil.rmtree(p.folder / "shards", ignore_errors=True)  # left if a run died between DONE and cleanup
+            if decision is not None:
+                decision.publish("hit")
         return _handle(p, hit=True)
-    rank = _env_rank()
     if rank != 0:  # a DDP child: rank 0 holds the lock and merges
         with writing_cache(p.folder.parent.parent):
             _extract(cfg, p)
@@ -175,6 +188,8 @@ def get_embedding(cfg) -> EmbeddingHandle:
     with writing_cache(p.folder.parent.parent):
         p.folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(p.folder.parent / f"{p.key}.lock"))
+        if decision is not None:
+            decision.heartbeat(every_s=min(10.0, timeout / 3))  # the helpers see rank 0 alive until it decides
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -186,13 +201,17 @@ def get_embedding(cfg) -> EmbeddingHandle:
                 if problem is None:
                     shutil.rmtree(p.folder / "shards", ignore_errors=True)
                     log.info("embedding %s: finished by another process, reusing %s", p.key, p.folder)
+                    if decision is not None:
+                        decision.publish("hit")
                     return _handle(p, hit=True)
                 aside = move_aside(p.folder)  # never deleted: the user may want to look at it
                 log.warning("embedding %s: damaged cache entry, %s: %s; moved aside to %s, extracting it again",
                             p.key, problem[0], problem[1], aside)
-            _extract(cfg, p)
+            _extract(cfg, p, decision)
         finally:
             lock.release()
+            if decision is not None:
+                decision.stop()
     return _handle(p, hit=False)
 
 
@@ -238,15 +257,18 @@ class _Merge:
         log.info("embedding %s: merged in %.1fs into %s", self.key, time.perf_counter() - t, self.folder)
 
 
-def _extract(cfg, p: Plan) -> None:
+def _extract(cfg, p: Plan, decision=None) -> None:
+    """Extract the images not yet in shards, then merge on rank 0. ``decision`` (rank 0 of an srun/torchrun launch)
+    is where rank 0 tells the helper ranks whether they take part (:class:`distributed.Decision`)."""
+    import functools
+
     import pytorch_lightning as pl
     import torch
-    from torch.utils.data import DataLoader
 
     from featstudy import models
     from featstudy.extraction import shards as _shards
-    from featstudy.extraction.module import CropsDataset, ExtractionModule, ImagesPerSecondBar, ShardWriter, collate
-    from featstudy.transforms import ImageTransform
+    from featstudy.extraction.module import CropsDataset, ExtractionModule, ImagesPerSecondBar, ShardWriter, make_loader
+    from featstudy.transforms import DeviceTransform, ship_crops, uint8_crops
 
     ds = p.dataset
     shard_dir = p.folder / "shards"
@@ -286,28 +308,53 @@ def _extract(cfg, p: Plan) -> None:
                    ds.classes, names, meta)
 
     if not todo:
-        if _env_rank() == 0:
+        if _env_rank(cfg) == 0:
+            if decision is not None:
+                decision.publish("alone")  # nothing to extract: the helpers wait for DONE
             merge()
         return
-    transform = ImageTransform(p.crops, p.model.preprocessing)
     batch_size = int(_get(cfg, "loader.batch_size", 16))
-    workers = int(_get(cfg, "loader.num_workers", 0))
     if batch_size < 1:
         raise ConfigError(f"loader.batch_size: must be >= 1, got {batch_size}")
-    loader = DataLoader(CropsDataset(ds, transform, todo), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False)
+    # the loader ships uint8 crops (crops.size², 1 byte per value); the device mirrors and normalises them
+    image_bytes = ship_crops(p.crops) * 3 * p.crops.size * p.crops.size
+    loader, workers = make_loader(CropsDataset(ds, functools.partial(uint8_crops, crops=p.crops), todo),
+                                  batch_size=batch_size, num_workers=_get(cfg, "loader.num_workers", 0),
+                                  image_bytes=image_bytes, accelerator=str(_get(cfg, "trainer.accelerator", "auto")))
+    log.info("embedding %s: loader with %d workers, %.1f MB of uint8 crops per batch", p.key, workers,
+             batch_size * image_bytes / 2**20)
     channels_last = bool(_get(cfg, "trainer.channels_last", False))
-    module = ExtractionModule(model, channels_last=channels_last)
+    module = ExtractionModule(model, channels_last=channels_last,
+                              transform=DeviceTransform(p.crops, p.model.preprocessing))
     meta["channels_last"] = channels_last
     module.n_features = n_features
     writer = ShardWriter(shard_dir, n_features, merge_fn=merge)
-    try:
-        trainer = pl.Trainer(**_trainer_kwargs(cfg), logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, callbacks=[writer, ImagesPerSecondBar()],
-                             default_root_dir=str(p.folder), inference_mode=True)
-    except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException and ValueError
-        raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
+    from featstudy.extraction import distributed as dist
+
+    dist.check_accelerator(cfg)
+    interrupts = dist.Interrupts()
+
+    def make_trainer(**override):
+        try:
+            return pl.Trainer(**{**_trainer_kwargs(cfg), **override}, logger=False, enable_checkpointing=False,
+                              enable_model_summary=False, callbacks=[writer, ImagesPerSecondBar(), interrupts],
+                              default_root_dir=str(p.folder), inference_mode=True)
+        except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException and ValueError
+            raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
+
+    trainer = make_trainer()
+    dist.check_cluster(trainer)  # SLURM's --ntasks-per-node vs trainer.devices: one line, not predict's traceback
+    world = dist.world_size(trainer)
+    if world > len(todo) and _env_rank(cfg) == 0:
+        # Lightning's predict sampler gives every rank >= 1 image or fails: fewer images left than ranks (a resume
+        # near the end, a tiny dataset) are extracted by rank 0 alone, no DDP (the helpers wait for DONE)
+        log.info("embedding %s: %d image(s) left for %d ranks: rank 0 extracts them alone", p.key, len(todo), world)
+        if decision is not None:
+            decision.publish("alone")
+        trainer = make_trainer(devices=1, num_nodes=1, strategy="auto")
+    elif decision is not None:
+        decision.publish("ddp", n_done=len(index.done))
+    dist.set_timeout(trainer, dist.ddp_timeout_s(cfg))  # a failed rank stops the others after this, not 30 min
     log.info("embedding %s: extracting %d images (%d crops each, forward batch %d) into %s",
              p.key, len(todo), p.crops.n_crops, batch_size * p.crops.n_crops, p.folder)
     from featstudy.extraction.module import ieee_fp32, restore_fp32
@@ -316,8 +363,16 @@ def _extract(cfg, p: Plan) -> None:
     # Every rank switches TF32 off itself (ExtractionModule.on_predict_start: a ddp_spawn rank starts with torch's
     # defaults); this puts this process's settings back also when predict raises.
     saved = ieee_fp32() if p.precision == "32-true" else None
+    sigint = dist.current_sigint()
     try:
         trainer.predict(module, dataloaders=loader, return_predictions=False)
+    except SystemExit:
+        # Lightning turns a KeyboardInterrupt (a signal, Ctrl-C) into sys.exit(1) after killing its children:
+        # re-raise the interrupt, so that the run ends KILLED (shards kept), not FAILED
+        if isinstance(interrupts.exception, KeyboardInterrupt):
+            raise interrupts.exception from None
+        raise
     finally:
         if saved is not None:
             restore_fp32(saved)
+        dist.restore_sigint(sigint)  # Lightning leaves Ctrl-C ignored after an interrupt
