@@ -63,3 +63,20 @@ def test_crop_config_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"crops.name: 'five'"):
         crop_spec(OmegaConf.create({"name": "five", "resize": 40, "size": 32}))
     assert crop_spec(OmegaConf.create({"name": "none", "resize": None, "size": 32})).key_fields()["resize"] is None
+
+
+@pytest.mark.parametrize("width", [53, 54])
+def test_ten_crops_from_six_shipped_uint8_crops_equal_torchvision_to_the_bit(width):
+    """The loader ships six uint8 crops and the device makes the ten: with the resized width minus the crop size
+    odd (53 - 32), torchvision's mirrored centre is not the centre's mirror; both widths give TenCrop's tensors
+    exactly."""
+    from featstudy.transforms import DeviceTransform, ship_crops, uint8_crops
+
+    rng = np.random.default_rng(width)
+    img = Image.fromarray(rng.integers(0, 256, (40, width, 3), dtype=np.uint8))
+    shipped = uint8_crops(img, CropSpec("ten", 40, 32))
+    assert shipped.dtype == torch.uint8 and shipped.shape == (ship_crops(CropSpec("ten", 40, 32)), 3, 32, 32)
+    ref = T.Compose([T.Resize(40), T.TenCrop(32), T.Lambda(lambda cs: torch.stack([T.ToTensor()(c) for c in cs])),
+                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(img)
+    assert torch.equal(DeviceTransform(CropSpec("ten", 40, 32))(shipped.unsqueeze(0))[0], ref)
+    assert torch.equal(ImageTransform(CropSpec("ten", 40, 32))(img), ref)

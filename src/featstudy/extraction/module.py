@@ -1,9 +1,15 @@
-"""The Lightning predict loop: a dataset wrapper that never drops an image silently, the LightningModule, the
-per-batch shard writer (which also merges on rank 0 at the end) and a progress bar showing images/s."""
+"""The Lightning predict loop: a dataset wrapper that never drops an image silently, the DataLoader it is fed
+through (uint8 crops stacked into shared memory, workers sized to the machine and to ``/dev/shm``), the
+LightningModule (which turns the uint8 crops into normalised float crops on the device), the per-batch shard writer
+(a background thread; it also merges on rank 0 at the end) and a progress bar showing images/s."""
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from featstudy.extraction import shards as _shards
 
@@ -19,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class CropsDataset(Dataset):
-    """Item i of ``ids`` -> ``{"id", "image" (K, 3, S, S) or None, "reason"}``; an unreadable image becomes a
-    skipped item with the exception as its reason (never substituted, never dropped)."""
+    """Item i of ``ids`` -> ``{"id", "image", "mode", "reason"}``; ``image`` is ``transform(PIL image)``: the
+    extraction ships :func:`featstudy.transforms.uint8_crops` (``(ship_crops, 3, S, S)`` uint8), older callers the
+    float crops of ``ImageTransform``. An unreadable image becomes a skipped item with the exception as its reason
+    (``image`` None; never substituted, never dropped)."""
 
     def __init__(self, base, transform, ids: list[int]):
         self.base = base
@@ -40,10 +48,13 @@ class CropsDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the readable images; carry every row's image id, and the ids and reasons of the skipped ones."""
+    """Stack the readable images; carry every row's image id, and the ids and reasons of the skipped ones.
+
+    The images are stacked by torch's ``default_collate``, which in a loader worker stacks straight into shared
+    memory: the batch then reaches the main process without another copy."""
     ok = [it for it in items if it["image"] is not None]
     bad = [it for it in items if it["image"] is None]
-    images = torch.stack([it["image"] for it in ok]) if ok else torch.zeros(0)
+    images = default_collate([it["image"] for it in ok]) if ok else torch.zeros(0)
     return {
         "images": images,
         "ids": torch.tensor([it["id"] for it in ok], dtype=torch.int64),
@@ -51,6 +62,93 @@ def collate(items: list[dict]) -> dict:
         "skipped_ids": torch.tensor([it["id"] for it in bad], dtype=torch.int64),
         "skipped_reasons": [it["reason"] for it in bad],
     }
+
+
+#: batches each loader worker prepares ahead (torch's default ``prefetch_factor``)
+PREFETCH = 2
+#: where torch's worker processes put their batches (shared memory; Docker's default is 64 MB)
+SHM = "/dev/shm"
+
+
+def cpus_available() -> int:
+    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` when SLURM sets it, else the affinity mask (what
+    ``taskset``, cgroups-aware launchers and ``srun`` leave us), never the whole machine's count."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def workers_setting(value) -> int | None:
+    """``loader.num_workers`` checked: a non-negative integer, or ``auto`` (returned as None)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        from featstudy.errors import ConfigError
+
+        raise ConfigError(f"loader.num_workers={value!r} is not allowed; loader.num_workers must be a non-negative "
+                          "integer or auto")
+    return value
+
+
+def shm_needed(batch_size: int, image_bytes: int, workers: int) -> int:
+    """Shared memory the loader's batches take at most: ``PREFETCH`` batches per worker in flight, plus the one the
+    main process is using (0 without workers: batches are then made in the main process)."""
+    return batch_size * image_bytes * (PREFETCH * workers + 1) if workers else 0
+
+
+def fit_workers(requested: int | None, batch_size: int, image_bytes: int, shm_free: int | None,
+                cpus: int | None = None) -> int:
+    """The number of loader workers to run.
+
+    ``requested`` None (``auto``): ``min(8, cpus - 1)``, lowered (with a warning) until the batches fit in
+    ``shm_free`` bytes of ``/dev/shm``, down to 0 (no workers: slower, never a crash in a worker). An explicit
+    number whose batches do not fit is a one-line :class:`ConfigError` naming the keys, the sizes and the fixes.
+    ``shm_free`` None (no ``/dev/shm``) skips the check.
+    """
+    mb = 1 << 20
+    if requested is None:
+        n = wanted = max(0, min(8, (cpus or cpus_available()) - 1))
+        while n > 0 and shm_free is not None and shm_needed(batch_size, image_bytes, n) > shm_free:
+            n -= 1
+        if n < wanted:
+            log.warning("loader.num_workers=auto: %d workers instead of %d, so that their batches fit in %s "
+                        "(%.0f MB free; %.1f MB per batch of loader.batch_size=%d); lower loader.batch_size or "
+                        "give the container more (docker run --shm-size=1g) for more workers", n, wanted, SHM,
+                        shm_free / mb, batch_size * image_bytes / mb, batch_size)
+        return n
+    need = shm_needed(batch_size, image_bytes, requested)
+    if shm_free is not None and need > shm_free:
+        from featstudy.errors import ConfigError
+
+        raise ConfigError(
+            f"loader.batch_size={batch_size} with loader.num_workers={requested} needs {need / mb:.0f} MB of shared "
+            f"memory ({batch_size * image_bytes / mb:.1f} MB per batch x ({PREFETCH} prefetched x {requested} "
+            f"workers + 1)) but {SHM} has {shm_free / mb:.0f} MB free; lower loader.batch_size or "
+            "loader.num_workers (or auto), or give the container more (docker run --shm-size=1g)")
+    return requested
+
+
+def shm_free() -> int | None:
+    """Free bytes of ``/dev/shm``, or None where there is none."""
+    try:
+        return shutil.disk_usage(SHM).free
+    except OSError:
+        return None
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, num_workers, image_bytes: int, accelerator: str = "auto"):
+    """The extraction's DataLoader: in order, ``collate``, workers from :func:`fit_workers` (persistent when there
+    are any), memory pinned only where a CUDA device will take the batches. Returns ``(loader, workers)``."""
+    workers = fit_workers(workers_setting(num_workers), batch_size, image_bytes, shm_free())
+    pin = torch.cuda.is_available() and str(accelerator).lower() in ("auto", "gpu", "cuda")
+    extra = {"persistent_workers": True, "prefetch_factor": PREFETCH} if workers else {}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin, **extra)
+    return loader, workers
 
 
 def ieee_fp32() -> tuple:
@@ -88,9 +186,10 @@ class ExtractionModule(pl.LightningModule):
     rank for the duration of predict (:func:`ieee_fp32`), so the numbers are IEEE float32 as the cache key says.
     """
 
-    def __init__(self, model: torch.nn.Module, channels_last: bool = False):
+    def __init__(self, model: torch.nn.Module, channels_last: bool = False, transform: torch.nn.Module | None = None):
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.transform = transform  # uint8 crops -> float crops, on the model's device (transforms.DeviceTransform)
         self.channels_last = channels_last
         self.n_features = None
         self._fp32_saved = None
@@ -135,9 +234,24 @@ class ExtractionModule(pl.LightningModule):
         raise DataError(f"model.weights: {where} at trainer.precision={precision}; the network's activations "
                         "are not finite: check the weights file (nothing was written for this batch)")
 
+    def device_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The shipped uint8 crops -> the float crops the model takes, on this device; then the dtype the precision
+        plugin gives floating inputs (Lightning converts only floating tensors of a batch, so uint8 crops reach
+        ``predict_step`` as they are). Float crops pass through."""
+        if images.dtype != torch.uint8:
+            return images
+        if self.transform is None:
+            raise ValueError("ExtractionModule: uint8 crops need a transform (featstudy.transforms.DeviceTransform)")
+        x = self.transform(images)
+        try:
+            return self.trainer.precision_plugin.convert_input(x)
+        except RuntimeError:  # not attached to a Trainer
+            return x
+
     def predict_step(self, batch, batch_idx=0, dataloader_idx=0):
         images = batch["images"]
         if images.numel():
+            images = self.device_input(images)
             b, k = images.shape[:2]
             x = images.flatten(0, 1)
             if self.channels_last:
@@ -153,27 +267,93 @@ class ExtractionModule(pl.LightningModule):
 
 class ShardWriter(BasePredictionWriter):
     """Writes one shard per batch (``write_interval="batch"``) under ``shard_dir`` with the rank in its name; at the
-    end of predict: barrier, merge on global rank 0 (``merge_fn``), barrier."""
+    end of predict: wait for every shard, barrier, merge on global rank 0 (``merge_fn``), barrier.
 
-    def __init__(self, shard_dir: Path, n_features: int, merge_fn=None):
+    The shards are written by one background thread (the GPU does not wait for each file's fsync on NFS or Lustre),
+    at most ``max_pending`` batches behind (``put`` blocks beyond: memory stays bounded); ``max_pending=0`` writes
+    in the calling thread. Each shard is still renamed into place only when whole (:func:`shards.write_shard`), so a
+    kill at any moment leaves whole shards only, and resume is unchanged. The writer's first exception stops all
+    writing and is raised in the main thread at the next batch or at the end of predict - the same exception
+    object, so a full disk (``ENOSPC``) still becomes the one-line ``paths.cache_dir`` error. When predict fails
+    for another reason the shards already queued are written (they are whole results) before it propagates.
+    """
+
+    #: default ``max_pending``
+    MAX_PENDING = 4
+
+    def __init__(self, shard_dir: Path, n_features: int, merge_fn=None, max_pending: int | None = None):
         super().__init__(write_interval="batch")
         self.shard_dir = Path(shard_dir)
         self.n_features = n_features
         self.merge_fn = merge_fn
+        self.max_pending = self.MAX_PENDING if max_pending is None else int(max_pending)
+        self._queue = self._thread = self._error = None
+
+    def __getstate__(self):  # ddp_spawn pickles the callbacks: the thread is started in each rank
+        return {**self.__dict__, "_queue": None, "_thread": None, "_error": None}
+
+    def _start(self) -> None:
+        if self.max_pending <= 0 or self._thread is not None:
+            return
+        self._error = None
+        self._queue = queue.Queue(maxsize=self.max_pending)
+        self._thread = threading.Thread(target=self._run, args=(self._queue,), name="featstudy-shard-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, q: queue.Queue) -> None:
+        failed = False
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            if failed:  # after a failure the rest is discarded: nothing written past a shard that failed
+                continue
+            try:
+                _shards.write_shard(*job)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                failed, self._error = True, exc
+
+    def _stop(self) -> None:
+        """Let the thread write what is queued, then end it."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._stop()
+            raise err
+
+    def on_predict_start(self, trainer, pl_module):
+        self._start()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        feats = prediction["features"].detach().to("cpu", torch.float32).numpy()
+        feats = prediction["features"].detach().to("cpu", torch.float32).numpy().copy()
         if feats.shape[0] == 0:
             feats = np.zeros((0, self.n_features), dtype=np.float32)
-        _shards.write_shard(self.shard_dir, trainer.global_rank, prediction["ids"].cpu().numpy(), feats,
-                            prediction["skipped_ids"].cpu().numpy(), list(prediction["skipped_reasons"]),
-                            modes=list(prediction["modes"]))
+        job = (self.shard_dir, trainer.global_rank, prediction["ids"].cpu().numpy().copy(), feats,
+               prediction["skipped_ids"].cpu().numpy().copy(), list(prediction["skipped_reasons"]),
+               list(prediction["modes"]))
+        if self._thread is None:
+            _shards.write_shard(*job)
+            return
+        self._raise_error()
+        self._queue.put(job)
 
     def on_predict_end(self, trainer, pl_module):
+        self._stop()
+        self._raise_error()
         trainer.strategy.barrier("featstudy-shards-written")
         if trainer.is_global_zero and self.merge_fn is not None:
             self.merge_fn()
         trainer.strategy.barrier("featstudy-merged")
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._stop()
+        self._error = None
 
 
 class ImagesPerSecondBar(TQDMProgressBar):
