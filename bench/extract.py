@@ -4,6 +4,7 @@ the device (CUDA when there is one, else the CPU). One command:
     python bench/extract.py                                   # 64 JPEGs 500x375, ten crops 256/224, VGG19
     python bench/extract.py --n-images 256 --model-images 64 --workers 7 --batch-size 16
     python bench/extract.py --model resnet18 --crops center --shard-latency 0.05   # sync vs background shards
+    python bench/extract.py --accelerator gpu --precision bf16-mixed              # on a GPU, mixed precision
 
 It prints one JSON object with images/s for
 
@@ -75,7 +76,7 @@ def make_cfg(args, data: Path, cache: Path):
         "pooling": {"name": "avg"},
         "loader": {"batch_size": args.batch_size, "num_workers": args.workers},
         "trainer": {"accelerator": "gpu" if args.device.type == "cuda" else "cpu", "devices": 1, "num_nodes": 1,
-                    "strategy": "auto", "precision": "32-true"},
+                    "strategy": "auto", "precision": args.precision},
         "paths": {"cache_dir": str(cache)},
     })
 
@@ -128,7 +129,9 @@ def model_rate(cfg, args) -> float:
     batch = {"images": x, "ids": torch.arange(b), "modes": ["RGB"] * b, "skipped_ids": torch.zeros(0),
              "skipped_reasons": []}
     steps = max(1, args.model_images // b)
-    with torch.inference_mode():
+    mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    with torch.inference_mode(), torch.autocast(args.device.type, dtype=mixed or torch.float32,
+                                                enabled=mixed is not None):
         module.predict_step(batch)
         if args.device.type == "cuda":
             torch.cuda.synchronize()
@@ -194,6 +197,8 @@ def main():
     ap.add_argument("--nodes", nargs="+", default=["layer1", "layer2", "layer3", "layer4", "flatten"],
                     help="model.nodes for a model other than vgg19 (default: resnet's blocks)")
     ap.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
+                    help="trainer.precision for the model and end-to-end measurements")
     ap.add_argument("--shard-latency", type=float, default=0.0, help="seconds added to each shard write")
     ap.add_argument("--skip-both", action="store_true", help="loader and model only")
     ap.add_argument("--repeats", type=int, default=1, help="end-to-end runs of each kind (best kept)")
@@ -218,6 +223,7 @@ def main():
             "cpus_available": cpus_available(), "images": args.n_images, "model_images": m,
             "jpeg": f"{args.width}x{args.height} q90, {kb:.0f} KB mean", "model": args.model,
             "crops": f"{args.crops} {args.resize}/{args.size}", "batch_size": args.batch_size,
+            "precision": args.precision,
         }
         report.update(loader_rates(make_cfg(args, tmp / "photos", tmp / "unused"), args))
         report["model_img_s"] = round(model_rate(make_cfg(args, tmp / "photos", tmp / "unused"), args), 2)

@@ -180,8 +180,9 @@ def validate(cfg: DictConfig) -> None:
     if "loader" in cfg:
         _check(_is_int(cfg.loader.batch_size) and cfg.loader.batch_size >= 1, "loader.batch_size",
                cfg.loader.batch_size, "a positive integer")
-        _check(_is_int(cfg.loader.num_workers) and cfg.loader.num_workers >= 0, "loader.num_workers",
-               cfg.loader.num_workers, "a non-negative integer")
+        w = cfg.loader.num_workers
+        _check((_is_int(w) and w >= 0) or (isinstance(w, str) and w.strip().lower() == "auto"),
+               "loader.num_workers", w, "a non-negative integer or auto")
     for group, names in ALLOWED_NAMES.items():
         if group in cfg and "name" in cfg[group]:
             _check(cfg[group].name in names, f"{group}", cfg[group].name, "one of " + "|".join(names))

@@ -28,6 +28,8 @@ def featstudy(*args: str, env: dict | None = None, cwd: Path | None = None) -> s
     (["analysis.permutations=0"], ["analysis.permutations", ">= 1"]),
     (["analysis.layers=fc7"], ["analysis.layers", "list"]),
     (["pooling.name=median"], ["pooling", "avg|max"]),
+    (["loader.num_workers=-1"], ["loader.num_workers", "auto"]),
+    (["loader.num_workers=many"], ["loader.num_workers", "auto"]),
     (["analysis.bins=[1"], ["analysis.bins=[1"]),
 ])
 def test_bad_config_exits_2_with_one_line(args, names, tmp_path):

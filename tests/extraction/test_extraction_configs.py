@@ -212,7 +212,11 @@ def test_loader_and_trainer_defaults_are_what_the_extraction_runs(tmp_path, monk
     monkeypatch.setattr(pl.Trainer, "predict", predict)
     handle = get_embedding(cfg)
     loader, trainer = seen["loader"], seen["trainer"]
-    assert isinstance(loader, DataLoader) and (loader.batch_size, loader.num_workers) == (4, 2)
+    # loader.num_workers: auto = min(8, CPUs this process may use - 1); 4 tiny 32x32 crops always fit in /dev/shm
+    cpus = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit() \
+        else len(os.sched_getaffinity(0))
+    assert isinstance(loader, DataLoader) and (loader.batch_size, loader.num_workers) == (4, max(0, min(8, cpus - 1)))
+    assert loader.persistent_workers == (loader.num_workers > 0)
     assert len(loader) == 2  # 6 images in batches of 4
     assert isinstance(trainer.accelerator, CUDAAccelerator if torch.cuda.is_available() else CPUAccelerator)
     assert isinstance(trainer.strategy, SingleDeviceStrategy) and (trainer.num_devices, trainer.num_nodes) == (1, 1)

@@ -76,6 +76,7 @@ def test_uint8_crops_normalised_on_the_device_equal_the_fp32_cpu_path_exactly(tm
     np.testing.assert_array_equal(got.features, ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preprocessing", ["torchvision", "caffe"])
 def test_device_normalisation_on_cuda_is_bit_identical_to_torchvision_on_cpu(tmp_path, preprocessing):
