@@ -128,7 +128,7 @@ def model_rate(cfg, args) -> float:
                       device=args.device)
     batch = {"images": x, "ids": torch.arange(b), "modes": ["RGB"] * b, "skipped_ids": torch.zeros(0),
              "skipped_reasons": []}
-    steps = max(1, args.model_images // b)
+    steps = max(1, (args.model_images or args.n_images) // b)
     mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     with torch.inference_mode(), torch.autocast(args.device.type, dtype=mixed or torch.float32,
                                                 enabled=mixed is not None):
