@@ -114,6 +114,11 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
     def wrapped(cfg: DictConfig) -> tuple[dict, dict]:
         from featstudy.tracking import Tracker, git_sha
 
+        from featstudy.config import restore_launcher_gpus
+
+        # hydra/launcher=local: the GPUs the launching command saw, before anything asks CUDA (the first CUDA call
+        # fixes CUDA_VISIBLE_DEVICES for the life of the process; _refuse_ddp_in_a_sweep counts the GPUs)
+        restore_launcher_gpus()
         validate(cfg)
         _refuse_ddp_in_a_sweep(cfg)
         resolve_paths(cfg)
@@ -123,9 +128,6 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         from featstudy.extraction import env_rank
         from featstudy.extraction.distributed import check_accelerator
 
-        from featstudy.config import restore_launcher_gpus
-
-        restore_launcher_gpus()  # hydra/launcher=local: the GPUs the launching command saw, before CUDA starts
         check_accelerator(cfg)  # trainer.accelerator=gpu with no visible CUDA device: one line, not a CPU run
         rank = env_rank(cfg)  # from Lightning's cluster environment (an inherited SLURM_PROCID is not a rank)
         if rank != 0:  # a DDP rank started by Lightning or srun: it helps extract; rank 0 alone tracks and analyses

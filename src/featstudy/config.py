@@ -123,6 +123,10 @@ def _visible_gpu_count() -> int:
     jobs); 0 without CUDA. submitit's local executor exports ``CUDA_VISIBLE_DEVICES=0..n-1`` to every job: this
     command's own ``CUDA_VISIBLE_DEVICES`` (e.g. ``2,3``) is passed on in :data:`LAUNCHER_GPUS`, which the job puts
     back before touching CUDA (:func:`restore_launcher_gpus`)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and LAUNCHER_GPUS in os.environ:
+        # inside a job (its Hydra config resolved again): what the launching command saw, without asking CUDA
+        # under submitit's CUDA_VISIBLE_DEVICES, and without overwriting the launcher's value with submitit's
+        return len([d for d in os.environ[LAUNCHER_GPUS].split(",") if d.strip()])
     import torch
 
     if "CUDA_VISIBLE_DEVICES" in os.environ:

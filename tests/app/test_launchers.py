@@ -261,3 +261,27 @@ def test_a_local_sweep_runs_one_device_per_job_where_the_command_said(tmp_path, 
     expected = ["1", "1"] if n < 2 else [str([job % n]) for job in range(2)]
     assert sorted(r.data.params["trainer.devices"] for r in children) == expected
     assert [r.data.tags["featstudy.cuda_visible_devices"] for r in children] == ["7", "7"]
+
+
+def test_inside_a_local_job_the_gpu_count_is_the_launchers_and_is_not_overwritten(monkeypatch):
+    """A submitit local job runs under submitit's CUDA_VISIBLE_DEVICES=0..n-1; when its Hydra config is resolved
+    again, ``${visible_gpu_count:}`` must count the launching command's GPUs (here 2: "2,3"), leave that value as
+    it is (not replace it with submitit's "0,1"), and ``restore_launcher_gpus`` must then put "2,3" back."""
+    import torch
+
+    from featstudy.config import LAUNCHER_GPUS, _visible_gpu_count, restore_launcher_gpus
+
+    def no_cuda_query():  # asking CUDA here would fix submitit's CUDA_VISIBLE_DEVICES for the whole job
+        raise AssertionError("CUDA queried inside the job before the launcher's GPUs were restored")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda_query)
+    monkeypatch.setattr(torch.cuda, "device_count", no_cuda_query)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv(LAUNCHER_GPUS, "2,3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert _visible_gpu_count() == 2
+    assert os.environ[LAUNCHER_GPUS] == "2,3"
+    restore_launcher_gpus()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    monkeypatch.setenv(LAUNCHER_GPUS, "")  # the launching command saw no GPU: its jobs see none either
+    assert _visible_gpu_count() == 0
