@@ -101,6 +101,20 @@ def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
 
             with open_dict(cfg):
                 cfg.trainer.devices = chosen
+        _joblib_loader_workers(cfg, hc)
+
+
+def _joblib_loader_workers(cfg: DictConfig, hc) -> None:
+    """Under ``hydra/launcher=joblib``, ``loader.num_workers=auto`` becomes 0: the jobs already share the machine's
+    CPUs, and DataLoader workers inside loky's worker processes are fragile. An explicit number is kept."""
+    launcher = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
+    workers = OmegaConf.select(cfg, "loader.num_workers", default=None)
+    if "joblib" in launcher.lower() and isinstance(workers, str) and workers.strip().lower() == "auto":
+        log.info("sweep job %s (joblib): loader.num_workers=auto -> 0 (decoding in the job's own process)", hc.job.num)
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.loader.num_workers = 0
 
 
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:

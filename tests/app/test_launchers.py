@@ -142,11 +142,14 @@ def test_four_parallel_joblib_jobs_on_one_fresh_sqlite_file(tmp_path, image_fold
     assert not (tmp_path / "mlruns").exists()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYDRA_FULL_ERROR", "0")
-        rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                              *_cheap(tmp_path, image_folder, helpers), "analysis.bins=25,50,100,null"], mp)
+        over = [a for a in _cheap(tmp_path, image_folder, helpers) if not a.startswith("loader.num_workers")]
+        rc = helpers.run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *over,
+                              "analysis.bins=25,50,100,null"], mp)
     assert rc == 0
     children = _check_sweep(tmp_path, 4)
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["100", "25", "50", "null"]
+    # the default loader.num_workers=auto decodes in the job's own process under joblib (no workers in loky workers)
+    assert [r.data.params["loader.num_workers"] for r in children] == ["0"] * 4
     _skip_unless_they_overlapped(children)
 
 
