@@ -50,10 +50,13 @@ class NullCallback(AnalysisCallback):
             metrics[f"null_significant_share.{layer}"] = share
             rows.append([layer, int(in_layer.sum() * significant.shape[1]), int(significant[in_layer].sum()), share])
         # each permutation is a dataset of its own: BH over its F x C tests, as for the real labels; then the mean
-        shares_random = []
+        # (the mean share over permutations = all their significant pairs / all their pairs: integers, one division)
+        shares_random, hits, pairs = [], 0, 0
         for d in ctx.d_random():
-            shares_random.append(float((p_and_q(d)[1] < self.q).mean()))
-        metrics["null_significant_share_random"] = float(np.mean(shares_random))
+            below = p_and_q(d)[1] < self.q
+            shares_random.append(float(below.mean()))
+            hits, pairs = hits + int(below.sum()), pairs + below.size
+        metrics["null_significant_share_random"] = hits / pairs
         result = CallbackResult(metrics=metrics, objects={"p": p, "q": q, "shares_random": shares_random})
         write_table(result, ctx.path("tables/null_by_layer.csv"),
                     ["layer", "n_pairs", f"n_q_below_{self.q:g}", "share"], rows)

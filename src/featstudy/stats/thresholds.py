@@ -132,13 +132,16 @@ def thresholds(d_real, d_random, step: float = 0.001) -> ThresholdResult:
     rp, rm = _counts(real[0], grid)
     k, f, c2 = rand.shape
     qp, qm = _counts(rand.transpose(1, 0, 2).reshape(f, k * c2), grid)
-    d_avg_plus = rp.mean(axis=0) - qp.mean(axis=0)
-    d_avg_minus = rm.mean(axis=0) - qm.mean(axis=0)
-    # argmax on the exact integer numerators d_avg·C·(K·C'): two grid points with equal d_avg must tie exactly,
-    # not differ by a rounding of the two means; np.argmax takes the first maximum = the x nearest 0
+    # d_avg·C·(K·C') is an integer: computed exactly, then one division (d_avg is the correctly rounded quotient,
+    # e.g. 1863.2, never 1863.1999999999998 from subtracting two rounded means). The argmax runs on the integers:
+    # two grid points with equal d_avg tie exactly; np.argmax takes the first maximum = the x nearest 0
     n_real, n_rand = rp.shape[0], qp.shape[0]
-    ip = int(np.argmax(rp.sum(axis=0) * n_rand - qp.sum(axis=0) * n_real))
-    im = int(np.argmax(rm.sum(axis=0) * n_rand - qm.sum(axis=0) * n_real))
+    num_plus = rp.sum(axis=0) * n_rand - qp.sum(axis=0) * n_real
+    num_minus = rm.sum(axis=0) * n_rand - qm.sum(axis=0) * n_real
+    d_avg_plus = num_plus / (n_real * n_rand)
+    d_avg_minus = num_minus / (n_real * n_rand)
+    ip = int(np.argmax(num_plus))
+    im = int(np.argmax(num_minus))
     return ThresholdResult(
         t_plus=float(grid[ip]),
         d_avg_t_plus=float(d_avg_plus[ip]),
