@@ -285,6 +285,12 @@ def _lock_path(uri: str, artifact_location: str | None) -> Path:
     return base / "mlflow-setup.lock"
 
 
+#: MLflow 3's UI opens an experiment on the page this tag names; without it, an experiment with no traces opens on
+#: the GenAI overview ("No data available"), a tab away from the runs. ``custom_model_development`` opens on Runs.
+#: A value the user set is kept.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def prepare_experiment(uri: str, experiment_name: str, artifact_location: str | None) -> tuple[Any, str]:
     """Create (migrate) the store and get-or-create the experiment under a file lock; return (client, id).
 
@@ -315,11 +321,14 @@ def prepare_experiment(uri: str, experiment_name: str, artifact_location: str | 
                 folder = Path(artifact_location).absolute()
                 folder.mkdir(parents=True, exist_ok=True)
                 location = folder.as_uri()
-            exp_id = client.create_experiment(experiment_name, artifact_location=location)
+            exp_id = client.create_experiment(experiment_name, artifact_location=location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
             exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # an experiment from an older featstudy: runs first too
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, exp_id
 
 
