@@ -61,23 +61,70 @@ def test_cub200_official_layout(tmp_path):
         CUB200(tmp_path / "empty", split="train")
 
 
-def test_flowers102_wraps_torchvision(tmp_path, monkeypatch):
+def _flowers(root: Path, monkeypatch, labels=(1, 1, 2, 2, 3, 3, 102, 102), setid=None) -> Path:
+    """A miniature flowers-102/ in the official layout; featstudy's md5 table is pointed at these generated .mat
+    files (the official digests are for the official files)."""
     from scipy.io import savemat
+
+    base = root / "flowers-102"
+    for k in range(1, len(labels) + 1):
+        _img(base / "jpg" / f"image_{k:05d}.jpg", k)
+    savemat(base / "imagelabels.mat", {"labels": np.array([list(labels)])})
+    savemat(base / "setid.mat", setid or {"trnid": np.array([[3, 1]]), "valid": np.array([[5, 7]]),
+                                          "tstid": np.array([[8, 2, 4, 6]])})
+    monkeypatch.setattr(Flowers102, "files", {**Flowers102.files,
+                                              "labels": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
+                                              "setid": ("setid.mat", _md5(base / "setid.mat"))})
+    return base
+
+
+def test_flowers102_reads_the_official_files(tmp_path, monkeypatch):
+    """Splits in setid.mat's order, labels from imagelabels.mat minus 1, the published class names (compared with
+    torchvision's public list), the same sample paths as torchvision's layout gives (so cache keys do not move)."""
     from torchvision.datasets import Flowers102 as TV
 
-    base = tmp_path / "flowers-102"
-    for k in range(1, 9):
-        _img(base / "jpg" / f"image_{k:05d}.jpg", k)
-    savemat(base / "imagelabels.mat", {"labels": np.array([[1, 1, 2, 2, 3, 3, 102, 102]])})
-    savemat(base / "setid.mat", {"trnid": np.array([[1, 3]]), "valid": np.array([[5, 7]]), "tstid": np.array([[2, 4, 6, 8]])})
-    monkeypatch.setattr(TV, "_file_dict", {**TV._file_dict, "label": ("imagelabels.mat", _md5(base / "imagelabels.mat")),
-                                           "setid": ("setid.mat", _md5(base / "setid.mat"))})
+    base = _flowers(tmp_path, monkeypatch)
     test = Flowers102(tmp_path, split="test")
-    assert len(test) == 4 and test.targets == [0, 1, 2, 101] and len(test.classes) == 102
-    assert test.samples[0][0] == "flowers-102/jpg/image_00002.jpg" and test.classes[0] == "pink primrose"
-    assert len(Flowers102(tmp_path, split="train")) == 2
+    assert [s for s, _ in test.samples] == [f"flowers-102/jpg/image_{k:05d}.jpg" for k in (8, 2, 4, 6)]
+    assert test.targets == [101, 0, 1, 2] and test.classes == list(TV.classes)
+    assert [s for s, _ in Flowers102(tmp_path, split="train").samples] == ["flowers-102/jpg/image_00003.jpg",
+                                                                            "flowers-102/jpg/image_00001.jpg"]
+    assert Flowers102(tmp_path, split="val").targets == [2, 101]
+    img, label = Flowers102(base, split="test")[0]  # dataset.root may be flowers-102/ itself
+    assert label == 101 and img.mode == "RGB"
+    assert Flowers102(base, split="test").samples[0][0] == "jpg/image_00008.jpg"
     with pytest.raises(DataError, match=r"dataset.root: .*no flowers102 data"):
         Flowers102(tmp_path / "nope", split="test")
+
+
+def test_flowers102_refuses_a_changed_or_inconsistent_mat_file(tmp_path, monkeypatch):
+    from scipy.io import savemat
+
+    base = _flowers(tmp_path, monkeypatch)
+    savemat(base / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[2]]), "tstid": np.array([[3]])})
+    with pytest.raises(DataError, match=r"dataset.root: .*setid.mat: md5 [0-9a-f]{32} is not the expected"):
+        Flowers102(tmp_path, split="test")
+    _flowers(tmp_path / "b", monkeypatch, setid={"trnid": np.array([[1]]), "valid": np.array([[2]]),
+                                                 "tstid": np.array([[3, 9]])})
+    with pytest.raises(DataError, match=r"setid.mat: tstid holds image numbers outside 1..8"):
+        Flowers102(tmp_path / "b", split="test")
+    _flowers(tmp_path / "c", monkeypatch, labels=(1, 103, 2, 2, 3, 3, 4, 4))
+    with pytest.raises(DataError, match=r"imagelabels.mat: labels must lie in 1..102"):
+        Flowers102(tmp_path / "c", split="test")
+    _flowers(tmp_path / "d", monkeypatch, setid={"trnid": np.array([[1]]), "valid": np.array([[2]])})
+    with pytest.raises(DataError, match=r"setid.mat: no variable 'tstid'"):
+        Flowers102(tmp_path / "d", split="test")
+
+
+def test_flowers102_does_not_use_torchvisions_private_attributes():
+    import ast
+    import inspect
+
+    import featstudy.datasets.flowers102 as mod
+
+    private = {n.attr for n in ast.walk(ast.parse(inspect.getsource(mod))) if isinstance(n, ast.Attribute)
+               and n.attr.startswith("_") and not n.attr.startswith("__")}
+    assert private <= {"_base", "_read_mat"}, private
 
 
 def test_mit67_official_layout(tmp_path):
@@ -183,3 +230,43 @@ def test_from_config_and_safe_extract(tmp_path):
     with pytest.raises(DataError, match=r"refusing to extract"):
         datasets.safe_extract(evil, tmp_path / "dest")
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_flowers102_download_fetches_the_three_official_files_md5_checked(tmp_path, monkeypatch):
+    """dataset.download=true over real HTTP (a local server holding the three files of the official site): the
+    archive is extracted into flowers-102/, the .mat files are checked, and the split reads as from local files."""
+    import functools
+    import http.server
+    import threading
+
+    site = tmp_path / "site"
+    made = _flowers(tmp_path / "made", monkeypatch)
+    site.mkdir()
+    with tarfile.open(site / "102flowers.tgz", "w:gz") as tar:
+        tar.add(made / "jpg", arcname="jpg")
+    for name in ("imagelabels.mat", "setid.mat"):
+        (site / name).write_bytes((made / name).read_bytes())
+    monkeypatch.setattr(Flowers102, "files", {**Flowers102.files, "images": ("102flowers.tgz", _md5(site / "102flowers.tgz"))})
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(Flowers102, "url", f"http://127.0.0.1:{server.server_address[1]}/")
+        got = Flowers102(tmp_path / "data", split="test", download=True)
+    finally:
+        server.shutdown()
+    assert [s for s, _ in got.samples] == [f"flowers-102/jpg/image_{k:05d}.jpg" for k in (8, 2, 4, 6)]
+    assert got.targets == [101, 0, 1, 2] and got[0][0].mode == "RGB"
+    (site / "setid.mat").write_bytes(b"not the file")  # a server handing out something else: refused, not used
+    with pytest.raises(DataError, match=r"dataset.download: fetching http://127.0.0.1:\d+/setid.mat failed"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            monkeypatch.setattr(Flowers102, "url", f"http://127.0.0.1:{server.server_address[1]}/")
+            Flowers102(tmp_path / "data2", split="test", download=True)
+        finally:
+            server.shutdown()

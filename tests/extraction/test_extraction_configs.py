@@ -131,7 +131,6 @@ def _flowers102(data: Path, monkeypatch):
     import hashlib
 
     from scipy.io import savemat
-    from torchvision.datasets import Flowers102 as TV
 
     base = data / "flowers-102"
     for k in range(1, 7):
@@ -139,8 +138,10 @@ def _flowers102(data: Path, monkeypatch):
     savemat(base / "imagelabels.mat", {"labels": np.array([[1, 1, 2, 2, 3, 3]])})
     savemat(base / "setid.mat", {"trnid": np.array([[1]]), "valid": np.array([[3]]), "tstid": np.array([[2, 4, 5, 6]])})
     md5 = {n: hashlib.md5((base / n).read_bytes()).hexdigest() for n in ("imagelabels.mat", "setid.mat")}
-    monkeypatch.setattr(TV, "_file_dict", {**TV._file_dict, "label": ("imagelabels.mat", md5["imagelabels.mat"]),
-                                           "setid": ("setid.mat", md5["setid.mat"])})
+    from featstudy.datasets import Flowers102
+
+    monkeypatch.setattr(Flowers102, "files", {**Flowers102.files, "labels": ("imagelabels.mat", md5["imagelabels.mat"]),
+                                              "setid": ("setid.mat", md5["setid.mat"])})
     return [], "Flowers102", 4
 
 

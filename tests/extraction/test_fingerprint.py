@@ -186,7 +186,6 @@ def _imagenet(root):
 
 def _flowers(root, monkeypatch):
     from scipy.io import savemat
-    from torchvision.datasets import Flowers102 as TV
 
     base = root / "flowers-102"
     for k in range(1, 5):
@@ -197,8 +196,8 @@ def _flowers(root, monkeypatch):
     def md5(p):
         return hashlib.md5(p.read_bytes()).hexdigest()
 
-    monkeypatch.setattr(TV, "_file_dict", {**TV._file_dict, "label": ("imagelabels.mat", md5(base / "imagelabels.mat")),
-                                           "setid": ("setid.mat", md5(base / "setid.mat"))})
+    monkeypatch.setattr(Flowers102, "files", {**Flowers102.files, "labels": ("imagelabels.mat", md5(base / "imagelabels.mat")),
+                                              "setid": ("setid.mat", md5(base / "setid.mat"))})
     return root
 
 
