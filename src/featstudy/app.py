@@ -53,18 +53,22 @@ def _hydra_runtime() -> Any | None:
 
 
 def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
-    """(run name, sweep parent run id) from Hydra's runtime: children are named after their overrides."""
-    from featstudy.tracking import parent_run_id_from
+    """(run name, sweep parent run id): what differs first (:mod:`featstudy.run_names`). A sweep child is named
+    after its swept settings; a single run after its dataset, model, weights and bins, unless ``tracking.run_name``
+    says otherwise."""
+    from featstudy import run_names
+    from featstudy.tracking import parent_run_id_from, redact
 
     hc = _hydra_runtime()
-    if hc is None:
-        return None, None
-    from hydra.types import RunMode
+    if hc is not None:
+        from hydra.types import RunMode
 
-    if hc.mode == RunMode.MULTIRUN:
-        name = hc.job.override_dirname or f"{cfg.task_name} #{hc.job.num}"
-        return f"{cfg.task_name}: {name}"[:250], parent_run_id_from(hc.sweep.dir)
-    return None, None
+        if hc.mode == RunMode.MULTIRUN:
+            name = run_names.sweep_child_name(cfg, list(hc.overrides.task), run_names.swept_keys(hc.sweep.dir))
+            return redact(name), parent_run_id_from(hc.sweep.dir)
+    if OmegaConf.select(cfg, "tracking.run_name", default=None):
+        return None, None
+    return run_names.single_run_name(cfg), None
 
 
 def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:

@@ -150,6 +150,10 @@ def test_four_parallel_joblib_jobs_on_one_fresh_sqlite_file(tmp_path, image_fold
     assert sorted(r.data.params["analysis.bins"] for r in children) == ["100", "25", "50", "null"]
     # the default loader.num_workers=auto decodes in the job's own process under joblib (no workers in loky workers)
     assert [r.data.params["loader.num_workers"] for r in children] == ["0"] * 4
+    # names put the swept setting first (issue 11): the runs table's name column tells the children apart
+    assert sorted(r.info.run_name for r in children) == [f"bins={b} · imagefolder · resnet18 · random · {d}" for b, d in
+                                                         (("100", "100 bins"), ("25", "25 bins"), ("50", "50 bins"),
+                                                          ("null", "exact"))]
     _skip_unless_they_overlapped(children)
 
 

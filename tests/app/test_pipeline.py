@@ -275,3 +275,13 @@ def test_report_compares_runs_and_is_logged(history, tmp_path):
     assert {"figures/fig5.png", "tables/table4.csv"} <= artifacts(uri, rep.info.run_id)
     # no run of that dataset: refused in one line
     assert report.main(["--tracking-uri", uri, "--datasets", "nope", "--no-log"]) == 2
+
+
+def test_children_are_named_by_what_differs_first(history):
+    """Sweep children start with their swept setting, short key first (issue 11): not "demo: analysis.…" cut off
+    by the runs table's column; a list value is one setting, not a sweep of its items."""
+    _, _, steps = history
+    names = sorted(r.info.run_name for r in steps["layers"].jobs())
+    assert [n.split(" · ")[0] for n in names] == ["layers=[conv1_1,conv1_2]", "layers=[conv5_4,fc7]"]
+    assert all(n.split(" · ")[1:3] == ["imagefolder", "vgg19"] for n in names)
+    assert sorted(r.info.run_name.split(" · ")[0] for r in steps["sweep"].jobs()) == ["bins=25", "bins=null"]
