@@ -27,8 +27,14 @@ def config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _entry(cfg: DictConfig) -> None:
     from featstudy.app import run
+    from featstudy.config import project_root
     from featstudy.tracking import ui_command
 
+    root, how = project_root()
+    if str(root) == str(cfg.paths.root_dir):
+        print(f"[featstudy] project root: {root} ({how})", flush=True)
+    else:
+        print(f"[featstudy] project root: {cfg.paths.root_dir} (paths.root_dir)", flush=True)
     metrics, objects = run(cfg)
     if objects.get("rank"):  # a DDP helper rank: rank 0 reports
         return

@@ -21,6 +21,25 @@ def _abspath(path: str) -> str:
     return str(Path(os.path.expanduser(str(path))).absolute())
 
 
+#: the file that marks featstudy's project root (the pattern of lightning-hydra-template's ``.project-root``)
+ROOT_MARKER = ".project-root"
+
+
+def project_root() -> tuple[Path, str]:
+    """(root, where it came from). ``$FEATSTUDY_ROOT`` when set (relative to the working directory); else the
+    nearest folder at or above the working directory that holds :data:`ROOT_MARKER`; else the working directory.
+    Every location (data, cache, outputs, mlruns) hangs from it, so a command run from a subfolder of the project
+    uses the same store and cache as one run from its top."""
+    env = os.environ.get("FEATSTUDY_ROOT")
+    if env:
+        return Path(os.path.expanduser(env)).absolute(), "FEATSTUDY_ROOT"
+    cwd = Path.cwd().absolute()
+    for folder in (cwd, *cwd.parents):
+        if (folder / ROOT_MARKER).is_file():
+            return folder, f"{ROOT_MARKER} found" + ("" if folder == cwd else f" above {cwd}")
+    return cwd, f"the working directory (no {ROOT_MARKER} at or above it; set FEATSTUDY_ROOT to choose)"
+
+
 def name_max(path: str | os.PathLike) -> int:
     """The longest file name (bytes) the filesystem holding ``path`` (or its nearest existing parent) accepts."""
     p = Path(path).absolute()
@@ -138,6 +157,8 @@ def _visible_gpu_count() -> int:
 def register_resolvers() -> None:
     """Register featstudy's OmegaConf resolvers (idempotent). Called on import of this module, so both
     ``python -m featstudy`` and ``hydra.compose`` (tests, notebooks) have them before Hydra composes."""
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(project_root()[0]))
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", _abspath)
     if not OmegaConf.has_resolver("unique_dir"):

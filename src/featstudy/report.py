@@ -63,9 +63,9 @@ def _layer_order(per_run: list[list[str]]) -> list[str]:
 
 
 def _default_root() -> Path:
-    import os
+    from featstudy.config import project_root
 
-    return Path(os.environ.get("FEATSTUDY_ROOT", ".")).absolute()
+    return project_root()[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m featstudy.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-                   help="MLflow store (default: sqlite:///<root>/mlruns/mlflow.db, root = $FEATSTUDY_ROOT or .)")
+                   help="MLflow store (default: sqlite:///<root>/mlruns/mlflow.db; root = $FEATSTUDY_ROOT, else the "
+                        "folder at or above the working directory holding .project-root, else the working directory)")
     p.add_argument("--experiment", default="featstudy", help="MLflow experiment name (default: featstudy)")
     p.add_argument("--runs", nargs="+", default=None, help="run ids to compare (default: latest per dataset)")
     p.add_argument("--datasets", nargs="+", default=None, help="datasets to compare (default: all with a run)")

@@ -346,8 +346,20 @@ def git_sha(*candidates: Path) -> str | None:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {normalise_uri(uri)}" if uri.startswith("sqlite:") else f"open {uri}"
+    """The command that opens the MLflow UI on this store, runnable as printed: ``mlflow`` when the shell's PATH
+    finds this environment's, else its absolute path (e.g. ``<repo>/.venv/bin/mlflow`` when the venv is not
+    activated)."""
+    if not uri.startswith("sqlite:"):
+        return f"open {uri}"
+    import shutil
+    import sys
+
+    ours = Path(sys.executable).with_name("mlflow")
+    on_path = shutil.which("mlflow")
+    exe = "mlflow"
+    if ours.is_file() and (on_path is None or Path(on_path).resolve() != ours.resolve()):
+        exe = str(ours)
+    return f"{exe} ui --backend-store-uri {normalise_uri(uri)}"
 
 
 # --------------------------------------------------------------------------------------------- one run

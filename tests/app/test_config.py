@@ -179,6 +179,28 @@ def test_paths_are_absolute_under_featstudy_root(compose, tmp_path, monkeypatch)
     assert compose([]).paths.root_dir == str(tmp_path)
 
 
+def test_the_project_root_is_found_above_the_working_directory(compose, tmp_path, monkeypatch):
+    """From a subfolder of a project (a ``.project-root`` file at its top), every location is the project's, not
+    the subfolder's (a second mlruns/ the UI never shows, a second extraction); FEATSTUDY_ROOT still wins; the
+    repository itself carries the marker."""
+    from featstudy.config import project_root
+
+    assert (Path(__file__).resolve().parents[2] / ".project-root").is_file()
+    proj = tmp_path / "proj"
+    (proj / "notebooks" / "deep").mkdir(parents=True)
+    (proj / ".project-root").write_text("")
+    (proj / "notebooks" / ".project-root").mkdir()  # a folder of that name is not the marker
+    monkeypatch.delenv("FEATSTUDY_ROOT", raising=False)
+    monkeypatch.chdir(proj / "notebooks" / "deep")
+    cfg = compose([])
+    assert cfg.paths.root_dir == str(proj) and cfg.tracking.uri == f"sqlite:///{proj}/mlruns/mlflow.db"
+    assert cfg.paths.cache_dir == str(proj / ".cache" / "featstudy")
+    assert project_root()[1].startswith(".project-root found above")
+    monkeypatch.setenv("FEATSTUDY_ROOT", str(tmp_path / "elsewhere"))
+    assert compose([]).paths.root_dir == str(tmp_path / "elsewhere")
+    assert project_root()[1] == "FEATSTUDY_ROOT"
+
+
 @pytest.mark.parametrize("option", sorted({*options("hydra/launcher"), "joblib"}))
 def test_hydra_launcher_option_builds_its_plugin(option, compose, tmp_path):
     """What Hydra does with ``hydra/launcher=<option>``: instantiate the plugin class from the composed config."""
