@@ -71,6 +71,20 @@ def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
     return run_names.single_run_name(cfg), None
 
 
+def _log_dataset(tracker, cfg: DictConfig, handle) -> None:
+    """The dataset as the run's MLflow input (the runs table's Dataset column): its name, the content fingerprint
+    of its images (the one in the embedding's key) as digest, its root as source, its split as context."""
+    meta = handle.meta or {}
+    data = meta.get("dataset", {}) if isinstance(meta.get("dataset"), dict) else {}
+    fields = meta.get("key_fields", {})
+    fingerprint = str((fields.get("dataset", {}) if isinstance(fields, dict) else {}).get("fingerprint", handle.key))
+    split = str(data.get("split", cfg.dataset.get("split", "")))
+    tracker.log_dataset(name=f"{cfg.dataset.name}-{split}" if split else str(cfg.dataset.name),
+                        digest=fingerprint[:16], source=str(data.get("root") or cfg.dataset.name),
+                        profile={"images": int(meta.get("n_images", 0)), "classes": int(data.get("n_classes", 0)),
+                                 "skipped": int(meta.get("n_skipped", 0))}, context=split or "all")
+
+
 def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
     """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep.
 
@@ -377,6 +391,7 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
         "embedding_key": handle.key,
         "featstudy.embedding_path": str(handle.path),
     })
+    _log_dataset(tracker, cfg, handle)
     log.info("embedding %s (%s) at %s", handle.key, "cache hit" if handle.hit else "extracted", handle.path)
     embedding = load_embedding(handle.path)
     shutil.copyfile(Path(handle.path) / "skipped.txt", output_dir / "skipped.txt")

@@ -39,7 +39,8 @@ from typing import Any
 
 from featstudy.errors import EXIT_USAGE, FeatstudyError
 from featstudy.tracking import (HTTP_SETTINGS, JOURNAL_FILE, SWEEP_FILE, SYNCED_FILE, Journal, _lock_path,
-                                apply_http_settings, end_sweep, log_table, normalise_uri, prepare_experiment,
+                                apply_http_settings, end_sweep, log_dataset, log_table, normalise_uri,
+                                prepare_experiment,
                                 redact, sqlite_path, store_failure)
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,9 @@ def _replay(client: Any, run_id: str, folder: Path, ops: list[dict], done: set[i
         elif kind == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step))
                                               for k, v, ts, step in op["metrics"]])
+        elif kind == "dataset":  # MLflow keeps one input per (name, digest, context): a replay adds none
+            log_dataset(client, run_id, name=op["name"], digest=op["digest"], source=op["source"],
+                        profile=op["profile"], context=op["context"])
         elif kind == "table":  # rewritten whole: a replay after a lost ack cannot double the rows
             log_table(client, run_id, op["data"], op["artifact_file"])
         elif kind == "artifact":

@@ -425,6 +425,18 @@ def log_table(client: Any, run_id: str, data: Mapping[str, list], artifact_file:
         client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
+def log_dataset(client: Any, run_id: str, *, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                context: str) -> None:
+    """Log ``name`` (content ``digest``, read from ``source``) as the run's input dataset with the context tag
+    ``mlflow.data.context`` (the split): what the UI's Dataset column shows. Idempotent: MLflow keeps one input per
+    (name, digest, context), so a replay by sync does not add a second."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    ds = Dataset(name=name, digest=digest, source_type="local" if source.startswith("/") else "featstudy",
+                 source=json.dumps({"uri": source}), profile=json.dumps(dict(profile), sort_keys=True))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+
 def _retry(fn: Callable[[], Any], what: str, attempts: int = 3, delay: float = 1.0) -> Any:
     attempts = max(1, int(attempts))
     for i in range(attempts):
@@ -700,6 +712,13 @@ class Tracker:
         """A table in MLflow's table format (JSON, shown in the UI's table views), see :func:`log_table`."""
         seq = self._record("table", data={k: list(v) for k, v in data.items()}, artifact_file=artifact_file)
         self._safe("log_table", lambda: log_table(self.client, self.run_id, data, artifact_file), seq)
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        """The run's input dataset, as MLflow's dataset input (the runs table's Dataset column), see
+        :func:`log_dataset`."""
+        payload = {"name": name, "digest": digest, "source": source, "profile": dict(profile), "context": context}
+        seq = self._record("dataset", **payload)
+        self._safe("log_inputs", lambda: log_dataset(self.client, self.run_id, **payload), seq)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

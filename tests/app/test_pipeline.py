@@ -285,3 +285,19 @@ def test_children_are_named_by_what_differs_first(history):
     assert [n.split(" · ")[0] for n in names] == ["layers=[conv1_1,conv1_2]", "layers=[conv5_4,fc7]"]
     assert all(n.split(" · ")[1:3] == ["imagefolder", "vgg19"] for n in names)
     assert sorted(r.info.run_name.split(" · ")[0] for r in steps["sweep"].jobs()) == ["bins=25", "bins=null"]
+
+
+def test_each_run_logs_its_dataset_as_an_mlflow_input(history):
+    """The runs table's Dataset column: name-split, a content digest shared by every run on the same images,
+    the split as context, the image and class counts as profile (3 classes x 8 images in the fixture)."""
+    import json
+
+    _, _, steps = history
+    jobs = steps["sweep"].jobs() + steps["layers"].jobs()
+    inputs = [r.inputs.dataset_inputs for r in jobs]
+    assert all(len(i) == 1 for i in inputs)
+    assert {i[0].dataset.name for i in inputs} == {"imagefolder-all"}
+    (digest,) = {i[0].dataset.digest for i in inputs}
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert all(json.loads(i[0].dataset.profile) == {"classes": 3, "images": 24, "skipped": 0} for i in inputs)
+    assert all({t.key: t.value for t in i[0].tags} == {"mlflow.data.context": "all"} for i in inputs)

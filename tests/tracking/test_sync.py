@@ -111,6 +111,10 @@ def test_unreachable_server_then_sync_logs_the_run_once(tmp_path, image_folder, 
     assert len(runs) == 1
     assert_run_matches(store, runs[0], expected)
     assert json.loads((folder / tracking.SYNCED_FILE).read_text())["run_id"] == runs[0].info.run_id
+    # the dataset input (the UI's Dataset column) reached the store once: 3 classes x 8 images, split "all"
+    (inp,) = runs[0].inputs.dataset_inputs
+    assert inp.dataset.name == "imagefolder-all" and {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "all"}
+    assert json.loads(inp.dataset.profile) == {"classes": 3, "images": 24, "skipped": 0}
 
     # twice: nothing twice (the marker), and nothing twice either when only the store knows (marker gone)
     assert sync.main([str(folder), "--tracking-uri", store]) == 0
@@ -121,6 +125,13 @@ def test_unreachable_server_then_sync_logs_the_run_once(tmp_path, image_folder, 
     again = runs_in(store)
     assert [r.info.run_id for r in again] == [runs[0].info.run_id]
     assert_run_matches(store, again[0], expected)
+    # a replay of every operation (acks lost) adds no second dataset input
+    from mlflow.tracking import MlflowClient
+
+    (start,) = [e for e in tracking.Journal.read(folder)["ops"] if e["op"] == "dataset"]
+    tracking.log_dataset(MlflowClient(store), runs[0].info.run_id, **{k: start[k] for k in
+                                                                      ("name", "digest", "source", "profile", "context")})
+    assert len(MlflowClient(store).get_run(runs[0].info.run_id).inputs.dataset_inputs) == 1
 
 
 def test_store_failing_mid_run_is_completed_by_sync(tmp_path, image_folder, helpers, cache, monkeypatch, capsys):
