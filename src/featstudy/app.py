@@ -166,6 +166,7 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
             handle = _get_embedding(cfg)
             return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
+        _preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
         output_dir = Path(cfg.paths.output_dir)
         claim = _claim_output_dir(output_dir)
         try:
@@ -314,6 +315,27 @@ def _claim_output_dir(output_dir: Path) -> Any:
     return lock
 
 
+def _preflight(cfg: DictConfig) -> None:
+    """What can be found wrong without extracting, before the job's MLflow run exists: the weights (a missing
+    file, an unknown enum), ``analysis.layers``, the dataset (a missing root, fewer than two classes). A failure is
+    one line and exit 2 with no run in MLflow; in a sweep it is also recorded in the sweep folder
+    (:data:`featstudy.tracking.PREFLIGHT_FAILURES`), so the sweep's end lists the job and marks the parent FAILED."""
+    from featstudy import models
+
+    try:
+        models.spec(cfg.model)
+        _check_layers(cfg)
+        _check_classes(cfg)
+    except FeatstudyError as exc:
+        hc = _hydra_runtime()
+        if hc is not None and str(hc.mode).endswith("MULTIRUN"):
+            from featstudy.tracking import record_preflight_failure
+
+            record_preflight_failure(hc.sweep.dir, _run_identity(cfg)[0] or f"job {hc.job.num}",
+                                     str(cfg.paths.output_dir), str(exc).splitlines()[0] if str(exc) else repr(exc))
+        raise
+
+
 def _check_classes(cfg: DictConfig) -> None:
     """Refuse a dataset with fewer than two classes before any image is read (the KS compares a class with the
     others); one line naming ``dataset.root``."""
@@ -381,8 +403,6 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     tracker.log_artifact(output_dir / "config.yaml")
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
-    _check_layers(cfg)
-    _check_classes(cfg)
     handle = _get_embedding(cfg)
     tracker.set_tags({
         "weights": handle.weights_tag,

@@ -37,7 +37,7 @@ def project_root() -> tuple[Path, str]:
     for folder in (cwd, *cwd.parents):
         if (folder / ROOT_MARKER).is_file():
             return folder, f"{ROOT_MARKER} found" + ("" if folder == cwd else f" above {cwd}")
-    return cwd, f"the working directory (no {ROOT_MARKER} at or above it; set FEATSTUDY_ROOT to choose)"
+    return cwd, f"the working directory: no {ROOT_MARKER} at or above it, set FEATSTUDY_ROOT to choose"
 
 
 def name_max(path: str | os.PathLike) -> int:

@@ -48,6 +48,8 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 JOURNAL_FILE = "tracking_journal.jsonl"
 SYNCED_FILE = "mlflow_synced"
 SWEEP_FILE = "tracking_sweep.json"
+#: in a sweep folder: one JSON line per job refused before its MLflow run existed (featstudy.app._preflight)
+PREFLIGHT_FAILURES = "failed_before_start.jsonl"
 #: conf/tracking keys -> MLflow's own HTTP client settings (its defaults retry for minutes)
 HTTP_SETTINGS = {"http_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                  "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
@@ -834,6 +836,37 @@ class SweepCallback(_HydraCallback):
 _OPEN_SWEEPS: dict[str, str] = {}
 
 
+def record_preflight_failure(sweep_dir: str | Path, name: str, output_dir: str, error: str) -> None:
+    """Append a job refused before its run existed to the sweep folder's :data:`PREFLIGHT_FAILURES` (one line,
+    under a lock: joblib jobs append at once)."""
+    from filelock import FileLock
+
+    path = Path(sweep_dir) / PREFLIGHT_FAILURES
+    try:
+        with FileLock(str(path) + ".lock", timeout=60), open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"name": name, "output_dir": output_dir, "error": error}) + "\n")
+    except OSError as exc:
+        log.error("could not record the refused job in %s (%s)", path, exc.strerror or exc)
+
+
+def preflight_failures(sweep_dir: str | Path | None) -> list[dict]:
+    """The jobs of a sweep refused before their run existed (:func:`record_preflight_failure`)."""
+    if not sweep_dir:
+        return []
+    path = Path(sweep_dir) / PREFLIGHT_FAILURES
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def end_sweep(uri: str, parent: str, interrupted: bool = False, failed: bool = False) -> str:
     """End a sweep's parent run: KILLED when interrupted, FAILED when the sweep raised or a child did not finish,
     else FINISHED (jobs skipped by ``tracking.resume`` have no child run).
@@ -844,16 +877,21 @@ def end_sweep(uri: str, parent: str, interrupted: bool = False, failed: bool = F
 
     _OPEN_SWEEPS.pop(parent, None)
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.get_run(parent).info.experiment_id
+    parent_run = client.get_run(parent)
+    exp_id = parent_run.info.experiment_id
     children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                   max_results=10000)
+    refused = preflight_failures(parent_run.data.tags.get("featstudy.sweep_dir"))
     bad = [r for r in children if r.info.status != "FINISHED"]
-    status = "KILLED" if interrupted else ("FAILED" if bad or failed else "FINISHED")
+    status = "KILLED" if interrupted else ("FAILED" if bad or refused or failed else "FINISHED")
     client.set_terminated(parent, status=status)
-    print(f"[featstudy] sweep {status}: {len(children) - len(bad)}/{len(children)} jobs FINISHED "
+    total = len(children) + len(refused)
+    print(f"[featstudy] sweep {status}: {len(children) - len(bad)}/{total} jobs FINISHED "
           f"(MLflow parent run {parent})", flush=True)
     for r in bad:
         print(f"  {r.info.status:8s} {r.info.run_name}  {r.data.tags.get('featstudy.output_dir', '')}", flush=True)
+    for job in refused:  # refused before their run existed: no MLflow run, listed here
+        print(f"  {'REFUSED':8s} {job.get('name')}  {job.get('output_dir', '')}: {job.get('error', '')}", flush=True)
     return status
 
 

@@ -169,3 +169,23 @@ def test_main_leaves_hydra_full_error_as_it_found_it(monkeypatch, helpers):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
     assert helpers.run_cli(["dataset=nope"], monkeypatch) == 2
     assert os.environ["HYDRA_FULL_ERROR"] == "0"
+
+
+@pytest.mark.parametrize("case", ["missing dataset root", "missing weights file", "unknown analysis layer"])
+def test_a_mistake_found_without_extraction_leaves_no_mlflow_run_and_at_most_4_lines(case, tmp_path):
+    """Tracking on (the default SQLite store): refused before the job's MLflow run is created, so the store has no
+    FAILED run to clean up; at most 4 lines on the console (issue 11, item 7)."""
+    from mlflow.tracking import MlflowClient
+
+    overrides, names = _bad_input(case, tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    proc = featstudy("dataset=imagefolder", "model.weights=random", "crops=center", "crops.resize=36",
+                     "crops.size=32", *overrides, f"paths.root_dir={tmp_path}", f"tracking.uri={uri}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) <= 4, lines
+    (error,) = [ln for ln in lines if ln.startswith("featstudy: error: ")]
+    assert all(name in error for name in names)
+    if (tmp_path / "mlruns" / "mlflow.db").exists():
+        client = MlflowClient(uri)
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

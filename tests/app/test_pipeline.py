@@ -70,6 +70,7 @@ class Step:
     runs: list
     err: str
     cache: list[str]
+    out: str = ""
 
     def jobs(self) -> list:
         return [r for r in self.runs if r.data.tags.get("featstudy.role") == "job"]
@@ -82,14 +83,15 @@ class Step:
 def run_sweep(helpers, root: Path, images: Path, uri: str, *overrides: str, mp=None) -> Step:
     """``python -m featstudy -m`` on the tiny image folder with ``overrides``; what it did (see :class:`Step`)."""
     before = {r.info.run_id for r in all_runs(uri)}
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
         mp = mp or stack.enter_context(pytest.MonkeyPatch.context())
         mp.setenv("HYDRA_FULL_ERROR", "0")
-        with contextlib.redirect_stderr(err):  # main() reports on the sys.stderr it finds when it starts
+        # main() reports on the sys.stderr it finds when it starts; the sweep's end is printed on stdout
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             rc = helpers.run_cli(["-m", *helpers.tiny_overrides(root, images), *overrides], mp)
     new = sorted((r for r in all_runs(uri) if r.info.run_id not in before), key=lambda r: r.info.start_time)
-    return Step(rc, new, err.getvalue(), cache_folders(root))
+    return Step(rc, new, err.getvalue(), cache_folders(root), out.getvalue())
 
 
 def _inject_failure(cfg):
@@ -196,9 +198,13 @@ def test_a_failing_job_is_failed_and_so_is_its_sweep(history):
     assert step.rc == 2
     err = [ln for ln in step.err.splitlines() if ln.startswith("featstudy: error")]
     assert len(err) == 1 and "analysis.layers" in err[0] and "nope" in err[0]
+    # [nope] is refused before its MLflow run exists (issue 11): no run, but the sweep lists it and fails
     children = {r.data.params["analysis.layers"]: r.info.status for r in step.jobs()}
-    assert children == {"['fc7']": "FINISHED", "['nope']": "FAILED"}
-    assert len(step.runs) == 3 and step.parent().info.status == "FAILED"
+    assert children == {"['fc7']": "FINISHED"}
+    assert len(step.runs) == 2 and step.parent().info.status == "FAILED"
+    assert "[featstudy] sweep FAILED: 1/2 jobs FINISHED" in step.out
+    (listed,) = [ln for ln in step.out.splitlines() if ln.strip().startswith("REFUSED")]
+    assert "layers=[nope]" in listed and "analysis.layers: unknown layer(s) ['nope']" in listed
 
 
 def test_resume_skips_finished_jobs_and_reruns_failed_ones(history):
