@@ -79,7 +79,17 @@ def one_line(exc: BaseException) -> str:
     if match and "not in struct" in text:
         key = match.group(1)
         add = re.search(r"use (\+\S+)", text)
+        value = add.group(1).split("=", 1)[1] if add and "=" in add.group(1) else "<value>"
+        closest = _closest_key(key)
+        if closest:
+            return f"{key}: no such key; did you mean {closest}={value}?"
         return f"{key}: no such key" + (f" (to add a new key use {add.group(1)})" if add else "")
+    match = re.search(r"Ambiguous value for argument '([^']+)'", text)
+    if match:  # Hydra's advice, kept: list, quoted string or sweep
+        arg = match.group(1)
+        key, _, value = arg.partition("=")
+        return (f"{arg}: ambiguous value; as a list: {key}=[{value}]; as a string, quote it: {key}='{value}'; "
+                "to sweep over it, add -m")
     match = re.search(r"Missing mandatory value: (\S+)", text)
     if match:
         return f"{match.group(1)}: missing mandatory value; set {match.group(1)}=<value>"
@@ -90,6 +100,35 @@ def one_line(exc: BaseException) -> str:
         if ln not in text:
             text += " " + ln
     return text.replace("\n", " ")
+
+
+def _closest_key(key: str) -> str | None:
+    """The existing key nearest to a mistyped ``key`` (``analysis.bin`` -> ``analysis.bins``), looked up in the
+    config composed with this command's group choices (``experiment=demo``...); None when nothing is close."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import DictConfig, OmegaConf
+
+    groups = [a for a in sys.argv[1:] if "=" in a and not a.startswith(("+", "~", "-"))
+              and "." not in a.split("=", 1)[0] and "," not in a]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=groups)
+    except Exception:  # noqa: BLE001 - no suggestion rather than a second error
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return None
+    match = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+    if not match:
+        return None
+    return f"{parent}.{match[0]}" if parent else match[0]
 
 
 def disk_full(exc: BaseException) -> str | None:

@@ -198,6 +198,7 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         sweep_dir = hc.sweep.dir if hc is not None and str(hc.mode).endswith("MULTIRUN") else None
         tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags, sweep_dir=sweep_dir)
 
+        _console_skips_file_only_records()
         in_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}
         status = "FAILED"
@@ -211,7 +212,9 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             log.error("interrupted: MLflow run marked KILLED")
             raise
         except FeatstudyError as exc:  # a user error: one line (HYDRA_FULL_ERROR=1 shows the traceback)
-            log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc)
+            # in the job's log file; on the console only in a sweep (a single run's CLI prints it once, at the end)
+            log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc,
+                      extra={"featstudy_file_only": not (sweep_dir or "")})
             raise
         except OSError as exc:
             if exc.errno not in DISK_FULL:
@@ -245,6 +248,21 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
 
     return wrapped
+
+
+class _FileOnly(logging.Filter):
+    """On console handlers: drops records logged with ``extra={"featstudy_file_only": True}``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "featstudy_file_only", False)
+
+
+def _console_skips_file_only_records() -> None:
+    """Install :class:`_FileOnly` on the root logger's console handlers (Hydra's job logging made them)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not any(isinstance(f, _FileOnly) for f in handler.filters):
+            handler.addFilter(_FileOnly())
 
 
 #: errno values of a full disk or an exhausted quota

@@ -351,6 +351,7 @@ def test_cli_process_defaults_to_the_root_store_and_exits_2_on_errors(store, tmp
     assert [row["run_id"] for row in read_table4(Path(out))[1]] == [
         r[k].id for k in ("cub200", "flowers102", "imagenet_val", "mit67")]
     assert {p.name for p in (Path(out) / "figures").iterdir()} == {"fig5.png", "fig6.png", "fig8.png"}
+    assert "Downloading artifacts" not in done.stdout + done.stderr  # no progress bar per artifact (issue 11)
 
     failed = cli(store, tmp_path, "--experiment", "broken", "--no-log", "--out", str(tmp_path / "x"))
     assert failed.returncode == 2 and "Traceback" not in failed.stderr

@@ -189,3 +189,35 @@ def test_a_mistake_found_without_extraction_leaves_no_mlflow_run_and_at_most_4_l
     if (tmp_path / "mlruns" / "mlflow.db").exists():
         client = MlflowClient(uri)
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_job_error_is_printed_once_without_lightnings_noise(tmp_path):
+    """A job failing after extraction (its only other class unreadable) on a pipe, as under SLURM or nohup: the
+    error once on the console (the job's log file still has it), no Lightning tip, no deprecation warning, no
+    progress-bar redraws (issue 11, items 5 and 6)."""
+    two = _images(tmp_path / "data", ["a"], n=3)
+    (two / "b").mkdir()
+    for i in range(3):
+        (two / "b" / f"{i}.png").write_bytes(b"not a png")
+    proc = featstudy("dataset=imagefolder", f"dataset.root={two}", "model.weights=random", "crops=center",
+                     "crops.resize=36", "crops.size=32", "~analysis.callbacks.figures", f"paths.root_dir={tmp_path}",
+                     f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    console = proc.stdout + proc.stderr
+    assert console.count("have no readable image") == 1, console
+    for noise in ("Tip:", "litlogger", "LeafSpec", "Predicting", "it/s"):
+        assert noise not in console, noise
+    (log_file,) = (tmp_path / "outputs").rglob("*.log")
+    assert "have no readable image" in log_file.read_text() and "extracting 6 images" in log_file.read_text()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["analysis.bin=50"], ["analysis.bin: no such key; did you mean analysis.bins=50?"]),
+    (["model.weigths=random"], ["did you mean model.weights=random?"]),
+    (["analysis.layers=conv5_4,fc7"], ["analysis.layers=[conv5_4,fc7]", "analysis.layers='conv5_4,fc7'", "add -m"]),
+])
+def test_an_error_keeps_its_hint(args, expected, tmp_path):
+    proc = featstudy(*args, f"paths.root_dir={tmp_path}", "tracking.uri=null", cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert all(e in line for e in expected), line

@@ -25,6 +25,26 @@ from featstudy.extraction.key import FORMAT_VERSION, key_of
 
 log = logging.getLogger(__name__)
 
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: ... litlogger"), printed by every job's Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+for _name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoTips())
+
+
+def _quiet_known_warnings() -> None:
+    """Lightning's own use of a deprecated torch API, warned on every job: not the user's to fix."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=UserWarning)
+
 __all__ = ["EmbeddingHandle", "env_rank", "get_embedding", "plan"]
 
 
@@ -334,10 +354,18 @@ def _extract(cfg, p: Plan, decision=None) -> None:
     dist.check_accelerator(cfg)
     interrupts = dist.Interrupts()
 
+    # a progress bar on a terminal; in a log file (SLURM, nohup, submitit) its redraws are noise: the log gets one
+    # line per stage instead ("extracting N images", then the embedding's line)
+    import sys
+
+    bar = sys.stderr.isatty()
+    _quiet_known_warnings()
+
     def make_trainer(**override):
         try:
             return pl.Trainer(**{**_trainer_kwargs(cfg), **override}, logger=False, enable_checkpointing=False,
-                              enable_model_summary=False, callbacks=[writer, ImagesPerSecondBar(), interrupts],
+                              enable_model_summary=False, enable_progress_bar=bar,
+                              callbacks=[writer, *([ImagesPerSecondBar()] if bar else []), interrupts],
                               default_root_dir=str(p.folder), inference_mode=True)
         except Exception as exc:  # noqa: BLE001 - Lightning's MisconfigurationException and ValueError
             raise ConfigError(f"trainer: {exc}".replace("\n", " ")) from exc
