@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", default=None, help="run ids to compare (default: latest per dataset)")
     p.add_argument("--datasets", nargs="+", default=None, help="datasets to compare (default: all with a run)")
     p.add_argument("--out", default=None, help="output folder (default: <root>/outputs/report/<timestamp>)")
+    p.add_argument("--tag", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="pick the latest run per dataset among those with these tags (e.g. weights=IMAGENET1K_V1)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="compare runs whose model, weights, crops, pooling or bins differ (refused by default)")
     p.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
     p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
     return p.parse_args(argv)
@@ -140,6 +144,37 @@ def _display_names(runs: list[dict]) -> list[str]:
     return names
 
 
+#: what must agree between the runs of one report (else --allow-mixed)
+COMPARED = ("model", "weights", "crops", "pooling", "bins")
+
+
+def run_settings(run: dict) -> dict[str, str]:
+    """The settings a report compares, from a run's params and tags: model, weights (the resolved ``weights``
+    tag), crops (``ten 256/224``), pooling, bins (``exact`` for ``analysis.bins=null``); ``?`` where unknown."""
+    p, t = run.get("params", {}), run.get("tags", {})
+    crops = p.get("crops.name")
+    if crops and p.get("crops.size"):
+        crops += f" {p['crops.resize']}/{p['crops.size']}" if p.get("crops.resize") not in (None, "null", "None") \
+            else f" {p['crops.size']}"
+    bins = p.get("analysis.bins")
+    return {"model": p.get("model.name") or "?", "weights": t.get("weights") or p.get("model.weights") or "?",
+            "crops": crops or "?", "pooling": p.get("pooling.name") or "?",
+            "bins": "exact" if bins in ("null", "None") else (bins or "?")}
+
+
+def check_comparable(runs: list[dict], allow_mixed: bool) -> None:
+    """Refuse runs whose :data:`COMPARED` settings differ, naming the first differing setting and each run's value,
+    unless ``allow_mixed``."""
+    settings = [run_settings(r) for r in runs]
+    for key in COMPARED:
+        values = {s[key] for s in settings}
+        if len(values) > 1 and not allow_mixed:
+            each = ", ".join(f"{r['dataset']} ({r['run_id'][:8]}): {s[key]}" for r, s in zip(runs, settings))
+            raise FeatstudyError(f"the runs differ in {key} ({each}); pick comparable runs (--runs ID ..., or "
+                                 "--tag KEY=VALUE, e.g. --tag weights=IMAGENET1K_V1), or compare them anyway with "
+                                 "--allow-mixed")
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
@@ -153,14 +188,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         try:
+            tags = {}
+            for item in args.tag:
+                key, sep, value = item.partition("=")
+                if not sep or not key:
+                    raise FeatstudyError(f"--tag {item!r}: expected KEY=VALUE, e.g. --tag weights=IMAGENET1K_V1")
+                tags[key] = value
             runs = tracking.find_job_runs(args.tracking_uri, args.experiment, run_ids=args.runs,
-                                          datasets=args.datasets)
+                                          datasets=args.datasets, tags=tags)
         except FeatstudyError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. an unknown run id in --runs
             raise FeatstudyError(f"{'--runs' if args.runs else '--tracking-uri'}: {_first_line(exc)}") from exc
         if not runs:
             raise FeatstudyError(f"no runs to compare in experiment {args.experiment!r} of {args.tracking_uri}")
+        for run in runs:  # which run stands for each dataset, never silently
+            s = run_settings(run)
+            print(f"[featstudy.report] {run['dataset']}: run {run['run_id']} {run.get('name') or ''!r} "
+                  + " ".join(f"{k}={s[k]}" for k in COMPARED), flush=True)
+        check_comparable(runs, args.allow_mixed)
         out = Path(args.out).absolute() if args.out else (
             _default_root() / "outputs" / "report" / time.strftime("%Y-%m-%d_%H-%M-%S"))
         out.mkdir(parents=True, exist_ok=True)

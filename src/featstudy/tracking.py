@@ -908,8 +908,9 @@ def end_open_sweeps(interrupted: bool = False, failed: bool = False) -> None:
 # --------------------------------------------------------------------------------------------- reading runs back
 
 def find_job_runs(uri: str, experiment_name: str, *, run_ids: Iterable[str] | None = None,
-                  datasets: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Runs to compare: the given ids, else the latest FINISHED job run per ``dataset`` tag.
+                  datasets: Iterable[str] | None = None, tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Runs to compare: the given ids, else the latest FINISHED job run per ``dataset`` tag among those whose tags
+    hold every ``tags`` item.
 
     Returns dicts with ``run_id``, ``dataset``, ``name``, ``tags``, ``metrics``, ``params``.
     """
@@ -922,8 +923,10 @@ def find_job_runs(uri: str, experiment_name: str, *, run_ids: Iterable[str] | No
         exp = client.get_experiment_by_name(experiment_name)
         if exp is None:
             raise ConfigError(f"--experiment {experiment_name!r}: no such MLflow experiment in {uri}")
-        found = client.search_runs([exp.experiment_id],
-                                   filter_string="attributes.status = 'FINISHED' and tags.`featstudy.role` = 'job'",
+        where = "attributes.status = 'FINISHED' and tags.`featstudy.role` = 'job'"
+        for key, value in (tags or {}).items():
+            where += " and tags.`{}` = '{}'".format(key.replace("`", ""), str(value).replace("'", "\\'"))
+        found = client.search_runs([exp.experiment_id], filter_string=where,
                                    order_by=["attributes.start_time DESC"], max_results=5000)
         latest: dict[str, Any] = {}
         for r in found:
@@ -933,8 +936,9 @@ def find_job_runs(uri: str, experiment_name: str, *, run_ids: Iterable[str] | No
         wanted = list(datasets) if datasets else sorted(latest)
         missing = [d for d in wanted if d not in latest]
         if missing:
-            raise ConfigError(f"--datasets: no FINISHED run for {missing} in experiment {experiment_name!r}; "
-                              f"runs exist for {sorted(latest)}")
+            having = f" with tags {dict(tags)}" if tags else ""
+            raise ConfigError(f"--datasets: no FINISHED run{having} for {missing} in experiment "
+                              f"{experiment_name!r}; runs exist for {sorted(latest)}")
         runs = [latest[d] for d in wanted]
     return [{"run_id": r.info.run_id, "dataset": r.data.tags.get("dataset", r.info.run_id[:8]),
              "name": r.info.run_name, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics),

@@ -344,8 +344,11 @@ def test_cli_process_defaults_to_the_root_store_and_exits_2_on_errors(store, tmp
     r = store.runs
     done = cli(store, tmp_path, "--formats", "png", "--no-log")  # uri and out default to $FEATSTUDY_ROOT
     assert done.returncode == 0, done.stderr
-    first = done.stdout.strip().splitlines()[0]
+    (first,) = [ln for ln in done.stdout.splitlines() if " -> " in ln]
     head, out = first.split(" -> ")
+    used = [ln for ln in done.stdout.splitlines() if ln.startswith("[featstudy.report] ") and ": run " in ln]
+    assert [ln.split(":")[0].split()[-1] for ln in used] == ["cub200", "flowers102", "imagenet_val", "mit67"]
+    assert r["mit67"].id in used[-1] and "'mit67-15'" in used[-1]  # id and name of the run each dataset stands on
     assert head == "[featstudy.report] 4 runs (cub200, flowers102, imagenet_val, mit67)"
     assert Path(out).parent == store.root / "outputs" / "report"
     assert [row["run_id"] for row in read_table4(Path(out))[1]] == [
@@ -357,3 +360,56 @@ def test_cli_process_defaults_to_the_root_store_and_exits_2_on_errors(store, tmp
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     lines = error_lines(failed.stderr)
     assert len(lines) == 1 and r["no_npz"].id in lines[0] and "arrays/ks.npz" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------- which runs
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """An experiment where the latest cub200 run is not the paper's: other weights and bins."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mixed_store")
+    (root / "mlruns").mkdir()
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("featstudy", artifact_location=(root / "mlruns" / "artifacts").as_uri())
+    paper = {"model.name": "vgg19", "model.weights": "IMAGENET1K_V1", "crops.name": "ten", "crops.resize": "256",
+             "crops.size": "224", "pooling.name": "avg", "analysis.bins": "100"}
+    runs = {}
+    for key, dataset, start, seed, params, weights in (
+            ("cub_paper", "cub200", 1_000, 31, paper, "IMAGENET1K_V1"),
+            ("mit_paper", "mit67", 1_500, 32, paper, "IMAGENET1K_V1"),
+            ("cub_later", "cub200", 2_000, 33, {**paper, "model.weights": "random", "analysis.bins": "null"},
+             "random")):
+        run = add_run(client, exp, root / "src", dataset, start, seed=seed)
+        from mlflow.entities import Param
+
+        client.log_batch(run.id, params=[Param(k, v) for k, v in params.items()])
+        client.set_tag(run.id, "weights", weights)
+        runs[key] = run
+    return SimpleNamespace(uri=uri, root=root, runs=runs)
+
+
+def test_runs_that_differ_are_refused_unless_allowed_and_tags_pick_the_paper_runs(mixed, tmp_path, monkeypatch,
+                                                                                  capsys):
+    args = ["--tracking-uri", mixed.uri, "--no-log", "--formats", "png"]
+    rc, _ = run_main(monkeypatch, [*args, "--out", str(tmp_path / "a")])
+    captured = capsys.readouterr()
+    lines = error_lines(captured.err)
+    assert rc == 2 and len(lines) == 1
+    assert "differ in weights" in lines[0] and "IMAGENET1K_V1" in lines[0] and "random" in lines[0]
+    assert "--allow-mixed" in lines[0]
+    # it said which run it took for each dataset before refusing: the later cub200 run, not the paper's
+    (cub,) = [ln for ln in captured.out.splitlines() if ln.startswith("[featstudy.report] cub200: run ")]
+    assert mixed.runs["cub_later"].id in cub and "weights=random" in cub and "bins=exact" in cub
+    assert "crops=ten 256/224" in cub and "model=vgg19" in cub and "pooling=avg" in cub
+
+    rc, _ = run_main(monkeypatch, [*args, "--allow-mixed", "--out", str(tmp_path / "b")])
+    assert rc == 0
+    rc, _ = run_main(monkeypatch, [*args, "--tag", "weights=IMAGENET1K_V1", "--out", str(tmp_path / "c")])
+    assert rc == 0
+    used = [ln for ln in capsys.readouterr().out.splitlines() if ": run " in ln]
+    assert {ln.split()[3] for ln in used[-2:]} == {mixed.runs["cub_paper"].id, mixed.runs["mit_paper"].id}
+    rc, _ = run_main(monkeypatch, [*args, "--tag", "weights"])
+    assert rc == 2 and "--tag 'weights': expected KEY=VALUE" in error_lines(capsys.readouterr().err)[0]
