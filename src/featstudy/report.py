@@ -84,12 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-mixed", action="store_true",
                    help="compare runs whose model, weights, crops, pooling or bins differ (refused by default)")
     p.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf", "svg"])
+    p.add_argument("--width", default="double", choices=["single", "double", "free"],
+                   help="journal column width of the figures: single (3.5 in), double (7 in, default) or free")
     p.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow run")
     return p.parse_args(argv)
 
 
 def build_report(runs: list[dict], arrays: dict[str, dict], table4_rows: dict[str, list[dict]], out: Path,
-                 formats: list[str]) -> ReportFiles:
+                 formats: list[str], width: str | None = "double") -> ReportFiles:
     """Write fig5, fig6, fig8 (when ImageNet is present) and table4.csv under ``out``; return the files (a list,
     whose ``figures`` attribute holds the Figure objects)."""
     from featstudy.analysis import plots
@@ -113,6 +115,8 @@ def build_report(runs: list[dict], arrays: dict[str, dict], table4_rows: dict[st
         files.figures["fig8"] = plots.fig6_distributions(per_dataset, layers, colors=colors,
                                                          title="ImageNet (blue) against the other datasets (green)")
     for name, fig in files.figures.items():
+        if width is not None:
+            plots.journal_layout(fig, width)
         files += plots.save_figure(fig, out / "figures", name, formats)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     table = out / "tables" / "table4.csv"
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         tables[run["run_id"]] = list(csv.DictReader(fh))
                 except Exception:  # noqa: BLE001 - the thresholds callback may have been dropped
                     tables[run["run_id"]] = []
-        files = build_report(runs, arrays, tables, out, args.formats)
+        files = build_report(runs, arrays, tables, out, args.formats, None if args.width == "free" else args.width)
     except FeatstudyError as exc:
         print(f"featstudy.report: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -194,12 +194,15 @@ def check_curves(fig, expected_runs: list, names: list[str], colours: dict | Non
     """fig6/fig8: two panels (low, high); one line per run that has layers in the panel, in percent."""
     low = [name for name in ALL_LAYERS if name not in HIGH_LAYERS]
     assert [ax.get_title() for ax in fig.axes] == ["conv1_1-conv5_3", "conv5_4+fc7"]
+    drawn = [name for run, name in zip(expected_runs, names)
+             if any(np.isin(run.layer_of, group).any() for group in (low, HIGH_LAYERS))]
+    (legend,) = fig.legends  # one legend for both panels: every dataset drawn in either, in order
+    assert [t.get_text() for t in legend.get_texts()] == drawn
     centres = np.linspace(-0.99, 0.99, 100)
     for ax, group in zip(fig.axes, (low, HIGH_LAYERS)):
         present = [(run, name) for run, name in zip(expected_runs, names) if np.isin(run.layer_of, group).any()]
         lines = ax.get_lines()
         assert [line.get_label() for line in lines] == [name for _, name in present]
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == [name for _, name in present]
         for line, (run, name) in zip(lines, present):
             assert np.allclose(line.get_xdata(), centres)
             assert np.allclose(line.get_ydata(), percent_curve(run, group), atol=1e-9), (name, group)

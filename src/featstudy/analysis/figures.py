@@ -54,13 +54,16 @@ class FiguresCallback(AnalysisCallback):
         Figure 1's pair, e.g. ``conv4_1:221`` and ``gazania``; None = the pair with the largest |D|.
     step : float
         Grid step of the thresholds (same as the thresholds callback).
+    width : {"single", "double"} or None
+        Journal column width of every figure (3.5 in or 7 in, fonts 7-9 pt, exact size in the files); None keeps
+        each figure's own size, cropped to its content.
     """
 
     name = "figures"
 
     def __init__(self, formats=("png", "pdf"), top_k: int = 8, n_images: int = 9, n_class_images: int = 3,
                  dpi: int = 120, which=None, fig1_feature: str | None = None, fig1_class: str | None = None,
-                 step: float = 0.001):
+                 step: float = 0.001, width: str | None = "double"):
         self.formats = [str(f) for f in formats]
         bad = [f for f in self.formats if f not in ("png", "pdf", "svg")]
         if bad or not self.formats:
@@ -74,10 +77,16 @@ class FiguresCallback(AnalysisCallback):
         self.fig1_feature = None if fig1_feature is None else str(fig1_feature)
         self.fig1_class = None if fig1_class is None else str(fig1_class)
         self.step = float(step)
+        if width is not None and str(width) not in plots.JOURNAL_WIDTHS:
+            raise ConfigError(f"analysis.callbacks.figures.width={width!r}: allowed single (3.5 in), double (7 in) "
+                              "or null")
+        self.width = None if width is None else str(width)
 
     def _save(self, ctx: AnalysisContext, drawn: dict, fig, name: str) -> list[Path]:
         """Write ``fig`` in every format and keep it in ``drawn`` (returned in ``objects["figures"]``)."""
         drawn[name] = fig
+        if self.width is not None:
+            plots.journal_layout(fig, self.width)
         return plots.save_figure(fig, ctx.output_dir / "figures", name, self.formats, self.dpi)
 
     def run(self, ctx: AnalysisContext) -> CallbackResult:

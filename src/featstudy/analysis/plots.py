@@ -19,17 +19,73 @@ REAL_COLOR, RANDOM_COLOR = "black", "red"
 DATASET_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 
+#: journal column widths in inches (``analysis.callbacks.figures.width``, ``featstudy.report --width``)
+JOURNAL_WIDTHS = {"single": 3.5, "double": 7.0}
+#: the smallest font a figure may use, in points (journals ask for 6-8 pt at print size)
+MIN_FONT_PT, MAX_FONT_PT = 7.0, 9.0
+#: D spans [-1, 1]; the axes go a little further so that values at exactly +-1 are not drawn on the frame
+D_LIMITS = (-1.05, 1.05)
+
+
+def journal_layout(fig: Figure, width: str) -> Figure:
+    """Set ``fig`` to a journal column width (``single`` 3.5 in, ``double`` 7 in), its height scaled with the
+    width (at least 2.4 in), every font between 7 and 9 pt, and constrained layout (legends and labels inside the
+    page, no empty band under a title). Saved without ``bbox_inches="tight"``, the file is exactly that wide."""
+    from matplotlib.text import Text
+
+    if width not in JOURNAL_WIDTHS:
+        raise ValueError(f"width must be one of {sorted(JOURNAL_WIDTHS)}, got {width!r}")
+    w = JOURNAL_WIDTHS[width]
+    old_w, old_h = fig.get_size_inches()
+    fig.set_size_inches(w, max(old_h * w / old_w, 2.4))
+    for text in fig.findobj(Text):
+        text.set_fontsize(min(max(float(text.get_fontsize()), MIN_FONT_PT), MAX_FONT_PT))
+    # titles and axis labels longer than their room are wrapped at spaces (constrained layout does not shrink text;
+    # a long title would run off the page): about 0.55 em per character
+    height = fig.get_size_inches()[1]
+    for ax in fig.axes:
+        share = ax.get_position().width
+        for text, room in ((ax.title, share * w), (ax.xaxis.label, share * w), (ax.yaxis.label, 0.8 * height)):
+            _wrap(text, room)
+    if fig._suptitle is not None:
+        _wrap(fig._suptitle, w)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
+def _wrap(text, room_in: float) -> None:
+    """Wrap ``text`` at spaces so that each line fits ``room_in`` inches at its font size."""
+    import textwrap
+
+    content = text.get_text()
+    chars = max(int(room_in * 72 / (0.55 * float(text.get_fontsize()))), 12)
+    if content and "\n" not in content and len(content) > chars:
+        text.set_text("\n".join(textwrap.wrap(content, chars, break_long_words=False)))
+
+
+def legend_outside(ax, **kwargs):
+    """The legend right of the axes, never over the data."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+                     **{"fontsize": 8, **kwargs})
+
+
 def save_figure(fig: Figure, folder: Path, name: str, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 120) -> list[Path]:
-    """Write ``folder/name.<fmt>`` for each format; return the paths. The figure stays intact (its data can be
-    read back); it is freed with its last reference (no pyplot, so nothing else holds it)."""
+    """Write ``folder/name.<fmt>`` for each format; return the paths. A figure with a layout engine
+    (:func:`journal_layout`) keeps its exact size, any other is cropped to its content. PDF and SVG are vector,
+    their text embedded as TrueType (Type 42) fonts, as journals ask. The figure stays intact (its data can be read
+    back); it is freed with its last reference (no pyplot, so nothing else holds it)."""
+    import matplotlib
+
     folder.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
+    exact = fig.get_layout_engine() is not None
     paths = []
-    for fmt in formats:
-        path = folder / f"{name}.{fmt}"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        paths.append(path)
+    with matplotlib.rc_context({"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}):
+        for fmt in formats:
+            path = folder / f"{name}.{fmt}"
+            fig.savefig(path, dpi=dpi, bbox_inches=None if exact else "tight")
+            paths.append(path)
     return paths
 
 
@@ -74,8 +130,8 @@ def fig1_histograms(intra: np.ndarray, inter: np.ndarray, title: str, bins: int 
     ax.hist(intra, bins=edges, density=True, alpha=0.55, color="tab:orange", label=f"intra-class (n={len(intra)})")
     ax.set_xlabel("feature activation")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.set_title(title, fontsize=9)
+    legend_outside(ax)
     return fig
 
 
@@ -148,10 +204,10 @@ def fig5_modes(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]], layers:
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, fontsize=8)
-    ax.set_ylim(-1, 1)
+    ax.set_ylim(*D_LIMITS)
     ax.set_ylabel("D (mode, 68% interval)")
     ax.set_title("D+ and D- per layer")
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return fig
 
 
@@ -161,7 +217,7 @@ def fig6_distributions(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]],
     low, high = split_low_high(layers)
     groups = [(g, names) for g, names in (("-".join(dict.fromkeys([low[0], low[-1]])) if low else "", low),
                                           ("+".join(high), high)) if names]
-    fig = Figure(figsize=(5.5 * len(groups), 4))
+    fig = Figure(figsize=(5.5 * len(groups), 4), layout="constrained")
     edges = np.linspace(-1, 1, bins + 1)
     centers = 0.5 * (edges[:-1] + edges[1:])
     for gi, (gname, names) in enumerate(groups):
@@ -174,10 +230,18 @@ def fig6_distributions(per_dataset: Mapping[str, tuple[np.ndarray, np.ndarray]],
             color = (colors or {}).get(name, DATASET_COLORS[k % len(DATASET_COLORS)])
             ax.plot(centers, 100.0 * counts / vals.size, color=color, lw=1.2, label=name)
         ax.set_xlabel("D")
-        ax.set_ylabel("% of (feature, class) pairs")
+        if gi == 0:
+            ax.set_ylabel("% of (feature, class) pairs")
         ax.set_title(gname)
-        ax.set_xlim(-1, 1)
-        ax.legend(fontsize=8)
+        ax.set_xlim(*D_LIMITS)
+    # one legend for both panels, right of them (never over a curve): every dataset drawn in either panel, in order
+    handles: dict[str, object] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    names = [name for name in per_dataset if name in handles]  # the datasets' order, not the panels'
+    if names:
+        fig.legend([handles[n] for n in names], names, loc="outside right upper", frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
@@ -200,7 +264,7 @@ def fig9_counts(grid: np.ndarray, real_counts: np.ndarray, random_counts: np.nda
     ax.set_xlabel("x")
     ax.set_ylabel("# features with D > x")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return fig
 
 
@@ -218,5 +282,5 @@ def fig10_kept(layers: Sequence[str], kept: Mapping[str, float], kept_random: Ma
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of pairs kept (D > t+ or D < t-)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return fig
