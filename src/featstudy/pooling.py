@@ -27,16 +27,18 @@ def check(name: str) -> str:
     return name
 
 
+def _spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions pooled away: (H, W) of (N, C, H, W), T of (N, T, D); none of (N, C)."""
+    if x.dim() in (2, 3, 4):
+        return {2: (), 3: (1,), 4: (2, 3)}[x.dim()]
+    raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
+
+
 def pool(x: torch.Tensor, name: str) -> torch.Tensor:
     """Pool an activation of shape (N, C, H, W), (N, T, D) or (N, C) to (N, C)."""
-    if x.dim() == 2:
+    dims = _spatial_dims(x)
+    if not dims:
         return x
-    if x.dim() == 4:
-        dims = (2, 3)
-    elif x.dim() == 3:
-        dims = (1,)
-    else:
-        raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
     if name == "avg":
         return x.mean(dim=dims)
     if name == "max":
@@ -50,14 +52,9 @@ def pool_float32(x: torch.Tensor, name: str) -> torch.Tensor:
     features are not rounded to 8 (bf16) or 11 (fp16) significant bits, which would manufacture ties for the KS
     statistics. A float32 activation gives exactly :func:`pool`'s values. The maximum of low-precision values is
     itself one of them: it is cast after the reduction."""
-    if x.dim() == 2:
+    dims = _spatial_dims(x)
+    if not dims:
         return x.float()
-    if x.dim() == 4:
-        dims = (2, 3)
-    elif x.dim() == 3:
-        dims = (1,)
-    else:
-        raise ValueError(f"cannot pool an activation of shape {tuple(x.shape)}")
     if name == "avg":
         return x.mean(dim=dims, dtype=torch.float32)
     if name == "max":

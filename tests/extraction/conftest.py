@@ -90,3 +90,18 @@ def awkward_folder():
 @pytest.fixture
 def awkward(tmp_path):
     return _awkward_folder(tmp_path / "awkward")
+
+
+@pytest.fixture
+def light_resnet_cfg(make_cfg):
+    """``build(cache, data, **over)``: resnet18 (random, seeded) on one 32 px centre crop of an image folder, the
+    extraction machinery (DDP, shards) at little cost."""
+
+    def build(cache, data, **over):
+        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
+                       crops={"name": "center", "resize": 36, "size": 32}, **over)
+        cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+                     "nodes": ["layer1", "flatten"]}
+        return cfg
+
+    return build

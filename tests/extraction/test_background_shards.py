@@ -30,17 +30,9 @@ SRC = Path(featstudy.__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def light(make_cfg):
-    """resnet18 (random, seeded) on one 32 px centre crop: the machinery at almost no cost."""
-
-    def build(cache, data, **over):
-        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32}, **over)
-        cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
-                     "nodes": ["layer1", "flatten"]}
-        return cfg
-
-    return build
+def light(light_resnet_cfg):
+    """resnet18 (random, seeded) at 32 px, one centre crop (conftest's ``light_resnet_cfg``)."""
+    return light_resnet_cfg
 
 
 def _images(root: Path, n: int) -> Path:

@@ -44,17 +44,9 @@ def _images(root: Path, n: int) -> Path:
 
 
 @pytest.fixture
-def cfg_for(make_cfg):
-    """resnet18 (random, seeded) at 32 px, one centre crop: the DDP machinery at little cost."""
-
-    def build(cache: Path, data: Path, **over):
-        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32}, **over)
-        cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
-                     "nodes": ["layer1", "flatten"]}
-        return cfg
-
-    return build
+def cfg_for(light_resnet_cfg):
+    """resnet18 (random, seeded) at 32 px, one centre crop (conftest's ``light_resnet_cfg``)."""
+    return light_resnet_cfg
 
 
 def _run(cfg, path: Path, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
