@@ -347,12 +347,23 @@ def git_sha(*candidates: Path) -> str | None:
     return None
 
 
-def ui_command(uri: str) -> str:
+#: MLflow 3.17's UI opens an experiment in its GenAI view (traces) unless the URL or the browser's saved choice
+#: says otherwise; the experiment's ``mlflow.experimentKind`` tag is not enough (checked in a browser). This
+#: query opens the "Model training" view, on the runs table.
+UI_RUNS_VIEW = "?workflowType=machine_learning"
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs table: ``<base>/#/experiments/<id>?workflowType=machine_learning``."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{UI_RUNS_VIEW}"
+
+
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
     """The command that opens the MLflow UI on this store, runnable as printed: ``mlflow`` when the shell's PATH
     finds this environment's, else its absolute path (e.g. ``<repo>/.venv/bin/mlflow`` when the venv is not
     activated)."""
     if not uri.startswith("sqlite:"):
-        return f"open {uri}"
+        return f"open {ui_url(uri, experiment_id) if experiment_id else uri}"
     import shutil
     import sys
 
@@ -361,7 +372,8 @@ def ui_command(uri: str) -> str:
     exe = "mlflow"
     if ours.is_file() and (on_path is None or Path(on_path).resolve() != ours.resolve()):
         exe = str(ours)
-    return f"{exe} ui --backend-store-uri {normalise_uri(uri)}"
+    command = f"{exe} ui --backend-store-uri {normalise_uri(uri)}"
+    return command + (f"   then open {ui_url('http://127.0.0.1:5000', experiment_id)}" if experiment_id else "")
 
 
 # --------------------------------------------------------------------------------------------- one run
