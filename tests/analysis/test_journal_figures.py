@@ -54,6 +54,22 @@ def _data_points_px(ax) -> np.ndarray:
     return np.concatenate(pts) if pts else np.zeros((0, 2))
 
 
+def _tick_labels_clear(ax, renderer) -> bool:
+    """Consecutive x tick labels do not overlap: horizontal ones by their boxes; slanted or upright ones (parallel
+    strips of text) when the distance between neighbouring strips, spacing x sin(angle), is at least a line."""
+    lo, hi = ax.get_xlim()
+    ticks = [(x, t) for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if t.get_text() and lo <= x <= hi]
+    if len(ticks) < 2:
+        return True
+    xs = ax.transData.transform([[x, 0] for x, _ in ticks])[:, 0]
+    angle = np.deg2rad(ticks[0][1].get_rotation() % 180)
+    if abs(np.sin(angle)) < 1e-6:
+        boxes = sorted((t.get_window_extent(renderer) for _, t in ticks), key=lambda b: b.x0)
+        return all(a.x1 <= b.x0 + 0.5 for a, b in zip(boxes, boxes[1:]))
+    line_px = 1.4 * ticks[0][1].get_fontsize() * ax.figure.dpi / 72  # a line of text and its leading
+    return bool(np.min(np.diff(np.sort(xs))) * abs(np.sin(angle)) >= line_px)
+
+
 @pytest.mark.parametrize("width", ["single", "double"])
 def test_every_figure_has_the_journal_width_fonts_and_vector_text(tiny, width):
     ctx = tiny.context()
@@ -94,7 +110,27 @@ def test_legends_never_cover_data_and_stay_on_the_page(tiny, width):
             if text.get_visible() and text.get_text().strip():
                 box = text.get_window_extent(renderer)
                 assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, (name, text.get_text(), box, page)
+        for ax in fig.axes:  # tick labels side by side never overlap
+            assert _tick_labels_clear(ax, renderer), name
     assert checked >= len(FAST)
+
+
+@pytest.mark.parametrize("width", ["single", "double"])
+def test_seventeen_layer_labels_do_not_overlap(width):
+    """The paper's 16 conv layers and fc7 on fig5 and fig10 at one column: labels stand upright when slanted
+    ones would not fit."""
+    layers = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1)] + ["fc7"]
+    assert len(layers) == 17
+    rng = np.random.default_rng(1)
+    d = rng.uniform(-1, 1, (17 * 4, 5))
+    layer_of = np.repeat(layers, 4)
+    kept = {name: 0.5 for name in layers}
+    for fig in (plots.fig5_modes({"ds": (d, layer_of)}, layers), plots.fig10_kept(layers, kept, kept, "t")):
+        plots.journal_layout(fig, width)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        assert len([t for t in fig.axes[0].get_xticklabels() if t.get_text()]) == 17
+        assert _tick_labels_clear(fig.axes[0], canvas.get_renderer()), width
 
 
 def test_d_at_plus_minus_one_is_drawn_inside_the_frame():
@@ -130,7 +166,7 @@ def test_top_feature_rows_are_labelled_and_the_title_sits_on_the_rows():
     (no empty band), at both widths."""
     rng = np.random.default_rng(0)
     rows = [{"label": f"conv5_4:{k}\nbird {k}\nD=+0.{k}1", "images": [rng.integers(0, 255, (16, 16, 3), np.uint8)] * 9}
-            for k in range(4)]
+            for k in range(8)]
     for width in ("single", "double"):
         fig = plots.journal_layout(plots.fig_top_features(rows, "cub200: top 4 features by D+"), width)
         canvas = FigureCanvasAgg(fig)
@@ -142,3 +178,5 @@ def test_top_feature_rows_are_labelled_and_the_title_sits_on_the_rows():
         top_row = fig.axes[0].get_window_extent(renderer)
         gap_in = (title.y0 - top_row.y1) / fig.dpi
         assert 0 <= gap_in < 0.25, gap_in  # the title sits on the rows
+        boxes = [ax.yaxis.label.get_window_extent(renderer) for ax in fig.axes]  # top to bottom
+        assert all(a.y0 >= b.y1 - 0.5 for a, b in zip(boxes, boxes[1:])), width  # three-line labels never overlap

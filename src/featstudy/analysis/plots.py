@@ -37,7 +37,8 @@ def journal_layout(fig: Figure, width: str) -> Figure:
         raise ValueError(f"width must be one of {sorted(JOURNAL_WIDTHS)}, got {width!r}")
     w = JOURNAL_WIDTHS[width]
     old_w, old_h = fig.get_size_inches()
-    fig.set_size_inches(w, max(old_h * w / old_w, 2.4))
+    # figures 2/3 say how tall they must be for their row labels (three lines of 7 pt per row)
+    fig.set_size_inches(w, max(old_h * w / old_w, 2.4, float(getattr(fig, "featstudy_min_height_in", 0.0))))
     for text in fig.findobj(Text):
         text.set_fontsize(min(max(float(text.get_fontsize()), MIN_FONT_PT), MAX_FONT_PT))
     # titles and axis labels longer than their room are wrapped at spaces (constrained layout does not shrink text;
@@ -45,12 +46,40 @@ def journal_layout(fig: Figure, width: str) -> Figure:
     height = fig.get_size_inches()[1]
     for ax in fig.axes:
         share = ax.get_position().width
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        # slanted tick labels side by side need about 1.6 em each: where they do not fit, stand them upright
+        if labels and len(labels) * 1.6 * MIN_FONT_PT / 72 > 0.8 * share * w:
+            for t in labels:
+                t.set_rotation(90)
+                t.set_horizontalalignment("center")
         for text, room in ((ax.title, share * w), (ax.xaxis.label, share * w), (ax.yaxis.label, 0.8 * height)):
             _wrap(text, room)
     if fig._suptitle is not None:
         _wrap(fig._suptitle, w)
     fig.set_layout_engine("constrained")
+    if width == "single":
+        _legends_below(fig)
     return fig
+
+
+def _legends_below(fig: Figure) -> None:
+    """One column is too narrow for a legend beside the axes: every legend becomes one figure legend under
+    everything (entries in order, each label once), in as many columns as fit."""
+    entries: dict[str, object] = {}
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+    for legend in legends:
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            entries.setdefault(text.get_text(), handle)
+    if not entries:
+        return
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.legends.clear()
+    longest = max(len(label) for label in entries)
+    ncols = max(1, min(len(entries), int(JOURNAL_WIDTHS["single"] * 72 / ((longest + 4) * 0.55 * 8))))
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=ncols, frameon=False,
+               fontsize=8)
 
 
 def _wrap(text, room_in: float) -> None:
@@ -163,6 +192,8 @@ def fig_top_features(rows: Sequence[Mapping], title: str) -> Figure:
     n_cols = max((len(c) for c in cells), default=1)
     size = max((np.asarray(img).shape[0] for c in cells for img in c if img is not None and not isinstance(img, str)), default=32)
     fig = Figure(figsize=(0.95 * n_cols + 1.8, 1.05 * max(len(rows), 1) + 0.5))
+    lines = max((str(r["label"]).count("\n") + 1 for r in rows), default=1)
+    fig.featstudy_min_height_in = len(rows) * (lines * 1.25 * MIN_FONT_PT / 72 + 0.06) + 0.6  # for journal_layout
     fig.suptitle(title, fontsize=10)
     for i, (row, c) in enumerate(zip(rows, cells)):
         ax = fig.add_subplot(len(rows), 1, i + 1)
