@@ -306,7 +306,7 @@ def test_fig9_fig10_fig1_legends_axes_and_widths_a_reader_relies_on(tiny):
     ax10 = figs["fig10"].axes[0]
     assert ax10.get_title() == "tiny: pairs kept by t+ / t-"
     assert ax10.get_ylim() == (0.0, 100.0)
-    assert ax10.get_ylabel() == "% of pairs kept (D > t+ or D < t-)"
+    assert ax10.get_ylabel() == "% of pairs kept"  # percent, not a fraction; which pairs: the title
     assert all(p.get_width() == pytest.approx(0.4) for bars in ax10.containers for p in bars.patches)
     ax1 = figs["fig1"].axes[0]
     inter, intra = ax1.containers

@@ -311,7 +311,7 @@ def fig10_kept(layers: Sequence[str], kept: Mapping[str, float], kept_random: Ma
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, fontsize=8)
     ax.set_ylim(0, 100)
-    ax.set_ylabel("% of pairs kept (D > t+ or D < t-)")
+    ax.set_ylabel("% of pairs kept")  # by t+ / t-: D > t+ or D < t- (the title says which)
     ax.set_title(title)
     legend_outside(ax)
     return fig
