@@ -264,8 +264,11 @@ def test_report_compares_runs_and_is_logged(history, tmp_path):
     jobs = steps["sweep"].jobs()
     ids = [r.info.run_id for r in jobs]
     before = {r.info.run_id for r in all_runs(uri)}
+    # binned against exact on purpose: refused as a mix of settings unless asked for (issue 11)
+    assert report.main(["--tracking-uri", uri, "--runs", *ids, "--out", str(tmp_path / "mixed"), "--no-log",
+                        "--formats", "png"]) == 2
     assert report.main(["--tracking-uri", uri, "--runs", *ids, "--out", str(tmp_path / "rep"),
-                        "--formats", "png"]) == 0
+                        "--formats", "png", "--allow-mixed"]) == 0
     for name in ("figures/fig5.png", "figures/fig6.png", "tables/table4.csv"):
         assert (tmp_path / "rep" / name).is_file()
     with open(tmp_path / "rep" / "tables" / "table4.csv", newline="") as fh:
