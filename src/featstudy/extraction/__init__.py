@@ -119,8 +119,9 @@ def writing_cache(cache: Path) -> Iterator[None]:
                         "(finished shards are kept and resumed)") from exc
 
 
-def plan(cfg) -> Plan:
-    """Validate ``cfg`` and compute the key without running the network."""
+def plan(cfg, dataset=None) -> Plan:
+    """Validate ``cfg`` and compute the key without running the network. ``dataset``: the dataset already built
+    from ``cfg.dataset`` (the app's pre-flight built it), so that its folder is listed once per run."""
     from featstudy import datasets, models, pooling
     from featstudy.transforms import crop_spec
 
@@ -131,7 +132,7 @@ def plan(cfg) -> Plan:
     pool = pooling.check(str(_get(cfg, "pooling.name", "avg")))
     precision = plan_precision(cfg)
     ms = models.spec(cfg.model)
-    ds = datasets.from_config(cfg.dataset)
+    ds = datasets.from_config(cfg.dataset) if dataset is None else dataset
     if len(ds) == 0:
         raise ConfigError(f"dataset: {ds.describe()} holds no images")
     # content hashes of every image; the stat memo under the cache makes a repeat cost a stat per file
@@ -157,7 +158,7 @@ def _handle(p: Plan, hit: bool) -> EmbeddingHandle:
     return EmbeddingHandle(path=p.folder, key=p.key, hit=hit, meta=meta, weights_tag=meta.get("weights", p.model.weights.tag))
 
 
-def get_embedding(cfg) -> EmbeddingHandle:
+def get_embedding(cfg, dataset=None) -> EmbeddingHandle:
     """The embedding of ``cfg``'s dataset by ``cfg``'s model: from the cache, or extracted now.
 
     Parameters
@@ -165,6 +166,8 @@ def get_embedding(cfg) -> EmbeddingHandle:
     cfg : DictConfig
         The composed root config (groups ``model``, ``dataset``, ``crops``, ``pooling``, ``loader``, ``trainer``,
         ``paths``).
+    dataset : ImageDataset, optional
+        The dataset already built from ``cfg.dataset``; built here when absent.
 
     Returns
     -------
@@ -181,7 +184,7 @@ def get_embedding(cfg) -> EmbeddingHandle:
 
     from featstudy.extraction import distributed as dist
 
-    p = plan(cfg)
+    p = plan(cfg, dataset)
     rank, timeout = _env_rank(cfg), dist.ddp_timeout_s(cfg)
     # srun/torchrun start every rank themselves: the helpers do what rank 0 decides under the lock (reuse, extract
     # with every rank, or wait while rank 0 extracts alone), never enter DDP on their own (issue 16, item 8)
