@@ -71,9 +71,9 @@ def make_cfg(args, data: Path, cache: Path):
     return OmegaConf.create({
         "model": {"name": args.model, "weights": "random", "preprocessing": "torchvision", "seed": 0,
                   "nodes": None if args.model == "vgg19" else args.nodes},
-        "dataset": {"name": "imagefolder", "root": str(data), "split": "all", "download": False},
+        "dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
         "crops": {"name": args.crops, "resize": None if args.crops == "none" else args.resize, "size": args.size},
-        "pooling": {"name": "avg"},
+        "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"},
         "loader": {"batch_size": args.batch_size, "num_workers": args.workers},
         "trainer": {"accelerator": "gpu" if args.device.type == "cuda" else "cpu", "devices": 1, "num_nodes": 1,
                     "strategy": "auto", "precision": args.precision},

@@ -165,16 +165,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("unique_dir", _unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("visible_gpu_count"):
         OmegaConf.register_new_resolver("visible_gpu_count", _visible_gpu_count, use_cache=True)
+    if not OmegaConf.has_resolver("weights_preprocessing"):
+        OmegaConf.register_new_resolver("weights_preprocessing", _weights_preprocessing)
+
+
+def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
+    """``${weights_preprocessing:${.weights},${.name}}``: ``model.preprocessing``'s default, what the weights were
+    trained on (:func:`featstudy.models.weights.preprocessing_of`), so ``--cfg job --resolve`` prints what runs."""
+    from featstudy.models.weights import _preprocessing_resolver
+
+    return _preprocessing_resolver(weights, model_name)
 
 
 register_resolvers()
-
-#: Config groups whose ``name`` must be one of these (the extraction helper owns the files themselves).
-ALLOWED_NAMES = {
-    "crops": ("ten", "center", "none"),
-    "pooling": ("avg", "max"),
-}
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -208,18 +211,11 @@ def validate(cfg: DictConfig) -> None:
         w = cfg.loader.num_workers
         _check((_is_int(w) and w >= 0) or (isinstance(w, str) and w.strip().lower() == "auto"),
                "loader.num_workers", w, "a non-negative integer or auto")
-    for group, names in ALLOWED_NAMES.items():
-        if group in cfg and "name" in cfg[group]:
-            _check(cfg[group].name in names, f"{group}", cfg[group].name, "one of " + "|".join(names))
-    if "crops" in cfg:
-        for key in ("resize", "size"):
-            if key in cfg.crops and cfg.crops[key] is not None:
-                value = cfg.crops[key]
-                _check(_is_int(value) and value >= 1, f"crops.{key}", value, "a positive integer")
-        size, resize = cfg.crops.get("size"), cfg.crops.get("resize")
-        if cfg.crops.get("name") != "none" and _is_int(size) and _is_int(resize) and size > resize:
-            raise ConfigError(f"crops.size: {size} > crops.resize {resize}; a crop cannot be larger than the resized "
-                              "image: lower crops.size or raise crops.resize")
+    from featstudy.groups import build
+
+    for group in ("crops", "pooling"):  # cheap objects that check their own fields: built once here, before any work
+        if group in cfg:
+            build(cfg[group], group)
     uri = cfg.tracking.uri
     _check(uri is None or (isinstance(uri, str) and ("://" in uri)), "tracking.uri", uri,
            "sqlite:///<path>/mlflow.db, http(s)://<server>, or null to disable tracking")

@@ -27,6 +27,20 @@ def check(name: str) -> str:
     return name
 
 
+class Pooling:
+    """``pooling=avg|max`` (``conf/pooling/*.yaml``, built by :func:`featstudy.groups.build`): the spatial pooling of
+    each conv map, validated when built. Its cache-key field is its name."""
+
+    def __init__(self, name: str = "avg"):
+        self.name = check(str(name))
+
+    def key_fields(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Pooling({self.name!r})"
+
+
 def _spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
     """The dimensions pooled away: (H, W) of (N, C, H, W), T of (N, T, D); none of (N, C)."""
     if x.dim() in (2, 3, 4):

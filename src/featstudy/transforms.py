@@ -96,11 +96,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class CropSpec:
-    """``crops.*``: the name, the shorter-side resize and the crop size."""
+    """``crops=ten|center|none`` (``conf/crops/*.yaml``, built by :func:`featstudy.groups.build`): the name, the
+    shorter-side resize and the crop size, validated when built (one-line errors naming ``crops.<key>``).
+
+    ``none`` resizes the whole image to ``size`` x ``size``: its ``resize`` is unused and recorded as None."""
 
     name: str = "ten"
     resize: int | None = 256
     size: int = 224
+
+    def __post_init__(self) -> None:
+        name, size, resize = self.name, self.size, self.resize
+        if name not in CROPS:
+            raise ConfigError(f"crops.name: {name!r} is not one of {list(CROPS)}")
+        if not _positive_int(size):
+            raise ConfigError(f"crops.size: must be a positive integer, got {size!r}")
+        if name == "none":
+            object.__setattr__(self, "resize", None)
+            return
+        if not _positive_int(resize):
+            raise ConfigError(f"crops.resize: must be a positive integer for crops={name}, got {resize!r}")
+        if size > resize:
+            raise ConfigError(f"crops.size: {size} > crops.resize {resize}; a crop cannot be larger than the resized "
+                              "image: lower crops.size or raise crops.resize")
 
     @property
     def n_crops(self) -> int:
@@ -110,21 +128,15 @@ class CropSpec:
         return {"name": self.name, "resize": None if self.name == "none" else self.resize, "size": self.size}
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def crop_spec(cfg) -> CropSpec:
-    """Validate ``crops`` (a mapping with name, resize, size) early, with one-line errors."""
-    name = str(cfg.get("name", "ten"))
-    if name not in CROPS:
-        raise ConfigError(f"crops.name: {name!r} is not one of {list(CROPS)}")
-    size = cfg.get("size")
-    resize = cfg.get("resize")
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"crops.size: must be a positive integer, got {size!r}")
-    if name != "none":
-        if not isinstance(resize, int) or resize < 1:
-            raise ConfigError(f"crops.resize: must be a positive integer for crops={name}, got {resize!r}")
-        if size > resize:
-            raise ConfigError(f"crops.size: {size} > crops.resize {resize}; a crop cannot be larger than the resized image")
-    return CropSpec(name=name, resize=resize if name != "none" else None, size=size)
+    """``cfg.crops`` built into a :class:`CropSpec` (:func:`featstudy.groups.build`)."""
+    from featstudy.groups import build
+
+    return build(cfg, "crops")
 
 
 def check_preprocessing(name: str) -> str:

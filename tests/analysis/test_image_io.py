@@ -283,7 +283,8 @@ def world(tmp_path_factory, vgg, helpers):
              f"conv1_1:{ch['conv1_1']}", "fc7:4000", "conv5_4:7"]
     ds = {"name": "imagefolder", "root": str(root / "images"), "split": "all"}
     own = write(root / "alone" / "own", X, LABELS, CLASSES, paths, names, ds)
-    inet_ds = {"name": "imagenet_val", "root": str(root / "imagenet"), "split": "val"}
+    inet_ds = {"name": "imagenet_val", "root": str(root / "imagenet"), "split": "val", "n_classes": 2,
+               "class_seed": 0}  # as ImageNetVal.describe() writes it into meta.json
     beside = write(root / "beside" / "own", X, LABELS, CLASSES, paths, names, ds)
     write(root / "beside" / "inet", XI, np.repeat([0, 1], 3), ["n00", "n01"], inet_paths, names, inet_ds)
     write(root / "beside" / "a_seed4", XI[::-1], np.repeat([0, 1], 3), ["n00", "n01"], inet_paths, names, inet_ds,

@@ -10,8 +10,8 @@ from featstudy.errors import ConfigError
 
 
 def test_per_class_keeps_the_first_images_of_each_class():
-    full = datasets.from_config(OmegaConf.create({"name": "digits", "split": "all"}))
-    sub = datasets.from_config(OmegaConf.create({"name": "digits", "split": "all", "per_class": 3}))
+    full = datasets.from_config(OmegaConf.create({"_target_": "featstudy.datasets.Digits", "name": "digits", "split": "all"}))
+    sub = datasets.from_config(OmegaConf.create({"_target_": "featstudy.datasets.Digits", "name": "digits", "split": "all", "per_class": 3}))
     assert len(full) == 1797 and len(sub) == 30
     assert [t for _, t in sub.samples].count(7) == 3
     first_sevens = [p for p, t in full.samples if t == 7][:3]
@@ -26,7 +26,7 @@ def test_per_class_keeps_the_first_images_of_each_class():
 @pytest.mark.parametrize("bad", [0, -1, "3", True])
 def test_per_class_must_be_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="dataset.per_class"):
-        datasets.from_config(OmegaConf.create({"name": "digits", "split": "all", "per_class": bad}))
+        datasets.from_config(OmegaConf.create({"_target_": "featstudy.datasets.Digits", "name": "digits", "split": "all", "per_class": bad}))
 
 
 def test_the_demo_config_asks_for_the_subset(helpers):

@@ -31,14 +31,17 @@ def vgg_file(tmp_path_factory):
 def _make_cfg(cache_dir, *, weights="random", dataset=None, crops=None, **over):
     """A composed-like root config with tiny crops, CPU, no workers."""
     cfg = {
-        "model": {"name": "vgg19", "weights": str(weights), "preprocessing": "torchvision", "seed": 0, "nodes": None},
-        "dataset": dataset or {"name": "digits", "root": None, "split": "all", "download": False},
-        "crops": crops or {"name": "ten", "resize": 40, "size": 32},
-        "pooling": {"name": "avg"},
+        "model": {"_target_": "featstudy.models.TorchvisionModel", "name": "vgg19", "weights": str(weights), "preprocessing": "torchvision", "seed": 0, "nodes": None},
+        "dataset": dataset or {"_target_": "featstudy.datasets.Digits", "name": "digits", "root": None, "split": "all", "download": False},
+        "crops": crops or {"_target_": "featstudy.transforms.CropSpec", "name": "ten", "resize": 40, "size": 32},
+        "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"},
         "loader": {"batch_size": 4, "num_workers": 0},
         "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
         "paths": {"cache_dir": str(cache_dir)},
     }
+    for group, target in (("crops", "featstudy.transforms.CropSpec"), ("pooling", "featstudy.pooling.Pooling"),
+                          ("model", "featstudy.models.TorchvisionModel")):
+        cfg[group] = {"_target_": target, **cfg[group]}  # what conf/<group>/*.yaml carries
     c = OmegaConf.create(cfg)
     for k, v in over.items():
         OmegaConf.update(c, k, v, merge=False)
@@ -98,9 +101,9 @@ def light_resnet_cfg(make_cfg):
     extraction machinery (DDP, shards) at little cost."""
 
     def build(cache, data, **over):
-        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32}, **over)
-        cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+        cfg = make_cfg(cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
+                       crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32}, **over)
+        cfg.model = {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                      "nodes": ["layer1", "flatten"]}
         return cfg
 

@@ -218,10 +218,10 @@ def test_imagefolder_and_digits(tmp_path):
 def test_from_config_and_safe_extract(tmp_path):
     from omegaconf import OmegaConf
 
-    with pytest.raises(ConfigError, match=r"dataset.name: 'coco'"):
-        datasets.from_config(OmegaConf.create({"name": "coco", "split": "all"}))
+    with pytest.raises(ConfigError, match=r"dataset._target_: cannot import 'featstudy.datasets.COCO'"):
+        datasets.from_config(OmegaConf.create({"_target_": "featstudy.datasets.COCO", "split": "all"}))
     with pytest.raises(ConfigError, match=r"dataset.root: not set for mit67"):
-        datasets.from_config(OmegaConf.create({"name": "mit67", "root": None, "split": "train"}))
+        datasets.from_config(OmegaConf.create({"_target_": "featstudy.datasets.MIT67", "root": None, "split": "train"}))
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:
         info = tarfile.TarInfo("../outside.txt")

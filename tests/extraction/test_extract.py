@@ -60,7 +60,7 @@ def independent_vgg19_features(weights_file, root: Path, rel_paths, resize=40, s
 
 
 def _imagefolder(root):
-    return {"name": "imagefolder", "root": str(root), "split": "all", "download": False}
+    return {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(root), "split": "all", "download": False}
 
 
 def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_path, vgg_file, make_cfg, awkward_folder):
@@ -94,20 +94,20 @@ def test_default_path_equals_independent_torchvision_and_store_is_complete(tmp_p
 
 def test_cache_hit_runs_no_forward_and_key_ignores_loader_and_root_spelling(tmp_path, awkward, vgg_file, monkeypatch, make_cfg):
     cfg = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(awkward),
-                   crops={"name": "center", "resize": 40, "size": 32})
+                   crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32})
     first = get_embedding(cfg)
     monkeypatch.setattr(models, "build", lambda *a, **k: pytest.fail("a cache hit must not build the model"))
     link = tmp_path / "same-data"
     link.symlink_to(awkward)
     again = make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(str(link) + "/"),
-                     crops={"name": "center", "resize": 40, "size": 32}, **{"loader.batch_size": 7, "loader.num_workers": 1})
+                     crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32}, **{"loader.batch_size": 7, "loader.num_workers": 1})
     hit = get_embedding(again)
     assert hit.hit and hit.key == first.key and hit.path == first.path and hit.meta == first.meta
     # what changes the numbers changes the key
     for change in ({"crops.size": 24}, {"crops.name": "ten"}, {"pooling.name": "max"}, {"model.preprocessing": "caffe"},
                    {"trainer.precision": "bf16-mixed"}):
         assert plan(make_cfg(tmp_path / "cache", weights=vgg_file, dataset=_imagefolder(awkward),
-                             crops={"name": "center", "resize": 40, "size": 32}, **change)).key != first.key, change
+                             crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32}, **change)).key != first.key, change
     assert plan(make_cfg(tmp_path / "c", weights="random", **{"model.seed": 1})).key != plan(make_cfg(tmp_path / "c")).key
     assert plan(make_cfg(tmp_path / "c", **{"trainer.precision": 32})).key == plan(make_cfg(tmp_path / "c")).key
     (awkward / "cat" / "rgb0.png").unlink()  # other data, other key
@@ -118,14 +118,14 @@ def test_config_errors_before_any_work(tmp_path, make_cfg):
     with pytest.raises(ConfigError, match=r"dataset.split: 'train' is not a split of digits; valid: \['all'\]"):
         get_embedding(make_cfg(tmp_path, **{"dataset.split": "train"}))
     with pytest.raises(DataError, match=r"dataset.root: .*nowhere.*dataset.download=true"):
-        get_embedding(make_cfg(tmp_path, dataset={"name": "cub200", "root": str(tmp_path / "nowhere"), "split": "train", "download": False}))
+        get_embedding(make_cfg(tmp_path, dataset={"_target_": "featstudy.datasets.CUB200", "name": "cub200", "root": str(tmp_path / "nowhere"), "split": "train", "download": False}))
     with pytest.raises(ConfigError, match=r"crops.size: 64 > crops.resize 40"):
         get_embedding(make_cfg(tmp_path, **{"crops.size": 64}))
     with pytest.raises(ConfigError, match=r"pooling.name"):
         get_embedding(make_cfg(tmp_path, **{"pooling.name": "median"}))
 
 
-LIGHT = {"model": {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+LIGHT = {"model": {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                    "nodes": ["layer1", "layer4", "flatten"]}}
 
 

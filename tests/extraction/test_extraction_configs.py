@@ -235,7 +235,7 @@ def test_trainer_settings_reach_lightning(overrides, strategy, devices, precisio
     precision spelling ``bf16`` becomes Lightning's ``bf16-mixed``."""
     import pytorch_lightning as pl
 
-    from featstudy.extraction import _trainer_kwargs
+    from featstudy.extraction.extract import trainer_kwargs as _trainer_kwargs
 
     trainer = pl.Trainer(**_trainer_kwargs(_compose(*overrides)), logger=False, enable_checkpointing=False)
     assert type(trainer.strategy).__name__ == strategy

@@ -25,7 +25,7 @@ from featstudy.store import EmbeddingError, is_complete, load_embedding
 
 SCRIPT = Path(__file__).with_name("run_extraction.py")
 SRC = Path(featstudy.__file__).resolve().parents[1]  # the featstudy this process imports, for the helpers
-LIGHT_MODEL = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+LIGHT_MODEL = {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                "nodes": ["layer1", "flatten"]}
 
 
@@ -34,8 +34,8 @@ def light(make_cfg):
     """resnet18 (random, seeded), one 32 px centre crop: the extraction machinery at almost no cost."""
 
     def build(cache, data, **over):
-        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32}, **over)
+        cfg = make_cfg(cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
+                       crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32}, **over)
         cfg.model = LIGHT_MODEL
         return cfg
 
@@ -120,8 +120,8 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     data = _images(root / "data", 12)
     cfg = OmegaConf.create({
-        "model": LIGHT_MODEL, "pooling": {"name": "avg"}, "crops": {"name": "center", "resize": 36, "size": 32},
-        "dataset": {"name": "imagefolder", "root": str(data), "split": "all", "download": False},
+        "model": LIGHT_MODEL, "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"}, "crops": {"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32},
+        "dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
         "loader": {"batch_size": 3, "num_workers": 0},
         "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
         "paths": {"cache_dir": str(root / "cache")}})

@@ -21,7 +21,7 @@ from PIL import Image
 from featstudy.datasets import CUB200, MIT67, Flowers102, ImageFolder, ImageNetVal
 from featstudy.extraction import get_embedding, plan
 
-CROPS = {"name": "center", "resize": 36, "size": 32}
+CROPS = {"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32}
 
 
 def _bmp(path, seed):
@@ -62,7 +62,7 @@ def test_same_size_edit_with_old_mtime_is_a_miss_and_a_fresh_row(tmp_path, make_
     data = _folder(tmp_path / "data")
     _wait_past_racy_window(data)
     cache = tmp_path / "cache"
-    cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all"}, crops=CROPS)
+    cfg = make_cfg(cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all"}, crops=CROPS)
     first = get_embedding(cfg)
     assert not first.hit
     assert get_embedding(cfg).hit  # unchanged files: a hit
@@ -82,7 +82,7 @@ def test_same_size_edit_with_old_mtime_is_a_miss_and_a_fresh_row(tmp_path, make_
     _bmp(alone / "cat" / "img1.bmp", 99)
     _bmp(alone / "dog" / "img0.bmp", 10)
     solo = get_embedding(make_cfg(tmp_path / "cache2", crops=CROPS,
-                                  dataset={"name": "imagefolder", "root": str(alone), "split": "all"}))
+                                  dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(alone), "split": "all"}))
     np.testing.assert_allclose(fresh, _row(solo, "cat/img1.bmp"), rtol=1e-5, atol=1e-6)
     assert get_embedding(cfg).hit and get_embedding(cfg).key == edited.key  # and the edited data now hits
 
@@ -92,7 +92,7 @@ def test_copied_dataset_still_hits(tmp_path, make_cfg):
     cache = tmp_path / "cache"
 
     def cfg(root):
-        return make_cfg(cache, dataset={"name": "imagefolder", "root": str(root), "split": "all"}, crops=CROPS)
+        return make_cfg(cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(root), "split": "all"}, crops=CROPS)
 
     first = get_embedding(cfg(data))
     copy = tmp_path / "elsewhere" / "copy"
@@ -235,10 +235,13 @@ def plan_key(tmp_path, name, root):
     from omegaconf import OmegaConf
 
     split = {"cub200": "all", "mit67": "all", "imagenet_val": "val", "flowers102": "test", "imagefolder": "all"}[name]
-    ds = {"name": name, "root": str(root), "split": split, "download": False}
+    classes = {"cub200": "CUB200", "mit67": "MIT67", "imagenet_val": "ImageNetVal", "flowers102": "Flowers102",
+               "imagefolder": "ImageFolder"}
+    ds = {"_target_": f"featstudy.datasets.{classes[name]}", "name": name, "root": str(root), "split": split,
+          "download": False}
     if name == "imagenet_val":
         ds["n_classes"] = 2
-    cfg = OmegaConf.create({"model": {"name": "vgg19", "weights": "random", "preprocessing": "torchvision", "seed": 0,
-                                      "nodes": None}, "dataset": ds, "crops": CROPS, "pooling": {"name": "avg"},
+    cfg = OmegaConf.create({"model": {"_target_": "featstudy.models.TorchvisionModel", "name": "vgg19", "weights": "random", "preprocessing": "torchvision", "seed": 0,
+                                      "nodes": None}, "dataset": ds, "crops": CROPS, "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"},
                             "trainer": {"precision": "32-true"}, "paths": {"cache_dir": str(tmp_path / "cache")}})
     return plan(cfg).key

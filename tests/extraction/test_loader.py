@@ -61,7 +61,7 @@ def _reference_crops(path, crops: str, preprocessing: str) -> torch.Tensor:
 def test_uint8_crops_normalised_on_the_device_equal_the_fp32_cpu_path_exactly(tmp_path, make_cfg, crops,
                                                                               preprocessing):
     data = _folder(tmp_path / "data")
-    cfg = make_cfg(tmp_path / "cache", dataset={"name": "imagefolder", "root": str(data), "split": "all",
+    cfg = make_cfg(tmp_path / "cache", dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all",
                                                 "download": False},
                    crops={"name": crops, "resize": None if crops == "none" else 40, "size": 32},
                    **{"loader.batch_size": len(SIZES), "model.preprocessing": preprocessing})
@@ -100,7 +100,7 @@ def test_collate_in_a_worker_stacks_uint8_into_shared_memory(tmp_path):
     from featstudy.transforms import CropSpec, uint8_crops
 
     data = _folder(tmp_path / "data")
-    ds = datasets.from_config({"name": "imagefolder", "root": str(data), "split": "all", "download": False})
+    ds = datasets.from_config({"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False})
     crops = CropSpec("ten", 40, 32)
     loader, workers = make_loader(CropsDataset(ds, functools.partial(uint8_crops, crops=crops), [0, 1, 2, 3]),
                                   batch_size=4, num_workers=1, image_bytes=6 * 3 * 32 * 32, accelerator="cpu")
@@ -120,10 +120,10 @@ def test_num_workers_auto_follows_the_cpus_given(tmp_path, make_cfg, monkeypatch
     else:
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", slurm)
     data = _folder(tmp_path / "data", sizes=SIZES[:2])
-    cfg = make_cfg(tmp_path / "cache", dataset={"name": "imagefolder", "root": str(data), "split": "all",
+    cfg = make_cfg(tmp_path / "cache", dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all",
                                                 "download": False},
-                   crops={"name": "center", "resize": 36, "size": 32}, **{"loader.num_workers": "auto"})
-    cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+                   crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32}, **{"loader.num_workers": "auto"})
+    cfg.model = {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                  "nodes": ["layer1"]}
     with caplog.at_level(logging.INFO, logger="featstudy.extraction"):
         h = get_embedding(cfg)
@@ -134,7 +134,7 @@ def test_num_workers_auto_follows_the_cpus_given(tmp_path, make_cfg, monkeypatch
 @pytest.mark.parametrize("value", [-1, "many", 1.5, True])
 def test_bad_num_workers_is_one_line_naming_the_key_before_any_image_is_read(tmp_path, make_cfg, value):
     data = _folder(tmp_path / "data", sizes=SIZES[:1])
-    cfg = make_cfg(tmp_path / "cache", dataset={"name": "imagefolder", "root": str(data), "split": "all",
+    cfg = make_cfg(tmp_path / "cache", dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all",
                                                 "download": False}, **{"loader.num_workers": value})
     with pytest.raises(ConfigError) as err:
         get_embedding(cfg)
@@ -173,11 +173,11 @@ def test_batches_larger_than_dev_shm_stop_before_extraction_or_auto_uses_fewer_w
     data = _folder(tmp_path / "data", sizes=SIZES[:2])
 
     def cfg_for(batch_size, workers, cache):
-        cfg = make_cfg(tmp_path / cache, dataset={"name": "imagefolder", "root": str(data), "split": "all",
+        cfg = make_cfg(tmp_path / cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all",
                                                   "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32},
+                       crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32},
                        **{"loader.batch_size": batch_size, "loader.num_workers": workers})
-        cfg.model = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+        cfg.model = {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                      "nodes": ["layer1"]}
         return cfg
 

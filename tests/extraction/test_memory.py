@@ -67,7 +67,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _spec(name="vgg19", nodes=None):
-    return models.spec(OmegaConf.create({"name": name, "weights": "random", "seed": 0,
+    return models.spec(OmegaConf.create({"_target_": "featstudy.models.TorchvisionModel", "name": name, "weights": "random", "seed": 0,
                                          "preprocessing": "torchvision", "nodes": nodes}))
 
 
@@ -158,7 +158,7 @@ def _small_embedding(root):
         Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / "images" / rel)
         paths.append(rel)
     names = ["conv1_1:3", "conv2_1:5", "fc7:7"]
-    meta = {"dataset": {"name": "imagefolder", "root": str(root / "images"), "split": "all"}, "model": "vgg19",
+    meta = {"dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(root / "images"), "split": "all"}, "model": "vgg19",
             "weights": "random", "weights_source": "random", "weights_seed": 0, "weights_sha256": None,
             "weights_path": None, "preprocessing": "torchvision", "pooling": "avg",
             "crops": {"name": "ten", "resize": 36, "size": 32, "n_crops": 10}}

@@ -154,13 +154,13 @@ def _folder(root: Path, n: int = 8, seed: int = 0) -> dict:
         d = root / f"c{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40 + i % 3, 44, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
-    return {"name": "imagefolder", "root": str(root), "split": "all", "download": False}
+    return {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(root), "split": "all", "download": False}
 
 
 def test_bf16_mixed_features_are_float32_means_not_bf16_values(tmp_path, make_cfg):
     # one crop: nothing is averaged after the layer's spatial mean, so a mean taken in bf16 stays a bf16 value
     cfg = make_cfg(tmp_path / "cache", dataset=_folder(tmp_path / "data"),
-                   crops={"name": "center", "resize": 40, "size": 32}, **{"trainer.precision": "bf16-mixed"})
+                   crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32}, **{"trainer.precision": "bf16-mixed"})
     emb = load_embedding(get_embedding(cfg).path)
     assert emb.features.dtype == np.float32 and emb.features.shape == (8, 9600)
     conv = np.asarray(emb.features[:, :5504])  # fc7 is one linear output per unit: a bf16 number by nature
@@ -199,7 +199,7 @@ def test_an_overflowing_layer_stops_the_run_naming_it_and_nothing_is_written(tmp
     # overflows float32 itself under 32-true; 16-mixed takes the same path with the fix named in the message
     weights = _overflowing_weights(tmp_path / "overflow.pth")
     cfg = make_cfg(tmp_path / "cache", weights=weights, dataset=_folder(tmp_path / "data"),
-                   crops={"name": "center", "resize": 40, "size": 32})
+                   crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32})
     with pytest.raises((ConfigError, DataError)) as err:
         get_embedding(cfg)
     msg = str(err.value)
@@ -239,7 +239,7 @@ def test_a_32_true_extraction_runs_when_torch_s_new_precision_api_is_in_use(tmp_
     from omegaconf import OmegaConf
 
     cfg = make_cfg(tmp_path / "cache", dataset=_folder(tmp_path / "data", n=4),
-                   crops={"name": "center", "resize": 40, "size": 32})
+                   crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 40, "size": 32})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     p = subprocess.run([sys.executable, "-c", NEW_API, str(tmp_path / "cfg.yaml")], cwd=tmp_path, env=env,

@@ -31,7 +31,7 @@ from featstudy.store import EmbeddingError, is_complete, load_embedding
 
 SCRIPT = Path(__file__).with_name("run_extraction.py")
 SRC = Path(featstudy.__file__).resolve().parents[1]
-LIGHT_MODEL = {"name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
+LIGHT_MODEL = {"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "preprocessing": "torchvision", "seed": 5,
                "nodes": ["layer1", "flatten"]}
 #: every character str.splitlines() splits on, and the store's escape characters
 SEPARATORS = {"lf": "\n", "cr": "\r", "crlf": "\r\n", "vt": "\x0b", "ff": "\x0c", "fs": "\x1c", "gs": "\x1d",
@@ -44,8 +44,8 @@ def light(make_cfg):
     """resnet18 (random, seeded), one 32 px centre crop, batches of 3."""
 
     def build(cache, data):
-        cfg = make_cfg(cache, dataset={"name": "imagefolder", "root": str(data), "split": "all", "download": False},
-                       crops={"name": "center", "resize": 36, "size": 32}, **{"loader.batch_size": 3})
+        cfg = make_cfg(cache, dataset={"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
+                       crops={"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32}, **{"loader.batch_size": 3})
         cfg.model = LIGHT_MODEL
         return cfg
 
@@ -137,8 +137,8 @@ def intact(tmp_path_factory):
         (root / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         _rgb(rng).save(root / "data" / f"c{i % 2}" / f"{i}.png")
     cfg = OmegaConf.create({
-        "model": LIGHT_MODEL, "pooling": {"name": "avg"}, "crops": {"name": "center", "resize": 36, "size": 32},
-        "dataset": {"name": "imagefolder", "root": str(root / "data"), "split": "all", "download": False},
+        "model": LIGHT_MODEL, "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"}, "crops": {"_target_": "featstudy.transforms.CropSpec", "name": "center", "resize": 36, "size": 32},
+        "dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(root / "data"), "split": "all", "download": False},
         "loader": {"batch_size": 3, "num_workers": 0},
         "trainer": {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"},
         "paths": {"cache_dir": str(root / "cache")}})

@@ -59,10 +59,10 @@ def test_caffe_is_bgr_0_255_mean_subtracted():
 
 def test_crop_config_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"crops.size: 64 > crops.resize 40"):
-        crop_spec(OmegaConf.create({"name": "ten", "resize": 40, "size": 64}))
+        crop_spec(OmegaConf.create({"_target_": "featstudy.transforms.CropSpec", "name": "ten", "resize": 40, "size": 64}))
     with pytest.raises(ConfigError, match=r"crops.name: 'five'"):
-        crop_spec(OmegaConf.create({"name": "five", "resize": 40, "size": 32}))
-    assert crop_spec(OmegaConf.create({"name": "none", "resize": None, "size": 32})).key_fields()["resize"] is None
+        crop_spec(OmegaConf.create({"_target_": "featstudy.transforms.CropSpec", "name": "five", "resize": 40, "size": 32}))
+    assert crop_spec(OmegaConf.create({"_target_": "featstudy.transforms.CropSpec", "name": "none", "resize": None, "size": 32})).key_fields()["resize"] is None
 
 
 @pytest.mark.parametrize("width", [53, 54])

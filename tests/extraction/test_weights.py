@@ -93,7 +93,7 @@ def test_random_is_seeded_and_tagged():
     from featstudy import models
 
     def first_conv(seed):
-        ms = models.spec(OmegaConf.create({"name": "resnet18", "weights": "random", "seed": seed, "nodes": ["flatten"]}))
+        ms = models.spec(OmegaConf.create({"_target_": "featstudy.models.TorchvisionModel", "name": "resnet18", "weights": "random", "seed": seed, "nodes": ["flatten"]}))
         net, digest = models.build_network(ms)
         assert ms.weights.tag == "random" and digest is None
         return net.conv1.weight.detach().clone()

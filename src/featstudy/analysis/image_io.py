@@ -17,37 +17,22 @@ from featstudy.store import Embedding
 log = logging.getLogger(__name__)
 
 
-def _dataset_cfg(meta: dict) -> dict | None:
-    ds = meta.get("dataset")
-    if not isinstance(ds, dict) or not ds.get("name"):
-        return None
-    cfg = {"name": ds["name"], "root": ds.get("root"), "split": ds.get("split"), "download": False}
-    if ds.get("per_class") is not None:
-        cfg["per_class"] = ds["per_class"]
-    fields = (meta.get("key_fields") or {}).get("dataset") or {}
-    for key in ("n_classes", "class_seed"):
-        if key in fields:
-            cfg[key] = fields[key]
-    return cfg
-
-
 @lru_cache(maxsize=4)
 def _dataset(emb_path: str) -> Any | None:
-    """The dataset object that produced the embedding at ``emb_path`` (None when it cannot be rebuilt)."""
+    """The dataset object that produced the embedding at ``emb_path``, rebuilt from its meta.json description
+    (:func:`featstudy.datasets.rebuild`); None when it cannot be rebuilt."""
     import json
 
-    from omegaconf import OmegaConf
-
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
-    cfg = _dataset_cfg(meta)
-    if cfg is None:
+    description = meta.get("dataset")
+    if not isinstance(description, dict) or not description.get("name"):
         return None
     try:
         from featstudy import datasets
 
-        return datasets.from_config(OmegaConf.create(cfg))
+        return datasets.rebuild(description)
     except Exception as exc:  # noqa: BLE001 - the data may have moved; figures then show empty cells
-        log.warning("figures: cannot open dataset %s at %s (%s)", cfg["name"], cfg.get("root"),
+        log.warning("figures: cannot open dataset %s at %s (%s)", description["name"], description.get("root"),
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
 
@@ -109,28 +94,23 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
     :func:`release_network`."""
     import json
 
-    from omegaconf import OmegaConf
-
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
     try:
         from featstudy import models
-        from featstudy.transforms import ImageTransform, crop_spec
+        from featstudy.transforms import CropSpec, ImageTransform
 
         source = meta.get("weights_source")
         weights = "random" if source == "random" else (meta.get("weights_path") or meta.get("weights"))
-        model_cfg = OmegaConf.create({
-            "name": meta.get("model", "vgg19"), "weights": weights, "seed": meta.get("weights_seed") or 0,
-            "preprocessing": meta.get("preprocessing", "torchvision"),
-            "nodes": None if meta.get("model", "vgg19") == "vgg19" else list((meta.get("nodes") or {}).keys()),
-        })
-        ms = models.spec(model_cfg)
+        name = meta.get("model", "vgg19")
+        ms = models.TorchvisionModel(name=name, weights=weights, seed=meta.get("weights_seed") or 0,
+                                     preprocessing=meta.get("preprocessing", "torchvision"),
+                                     nodes=None if name == "vgg19" else list((meta.get("nodes") or {}).keys()))
         crops = meta.get("crops") or {}
         size = int(crops.get("size", 224))
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
         model = model.to(device)  # only to locate peaks for the figures; the numbers come from the embedding
         resize = crops.get("resize") or size
-        transform = ImageTransform(crop_spec(OmegaConf.create({"name": "center", "resize": int(resize),
-                                                               "size": size})), ms.preprocessing)
+        transform = ImageTransform(CropSpec("center", int(resize), size), ms.preprocessing)
         return model.body, transform, size, int(resize)
     except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights not in the local cache
         log.warning("figures: cannot rebuild the network (%s); showing whole images instead of receptive fields",

@@ -32,31 +32,28 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "digits": Digits,
 }
 
-__all__ = ["DATASETS", "ImageDataset", "from_config", "safe_extract", *[c.__name__ for c in DATASETS.values()]]
+__all__ = ["DATASETS", "ImageDataset", "from_config", "rebuild", "safe_extract",
+           *[c.__name__ for c in DATASETS.values()]]
 
 
 def from_config(cfg_dataset, transform=None) -> ImageDataset:
-    """Build the dataset named by ``cfg.dataset.name`` with its root, split and download flag."""
-    name = str(cfg_dataset.get("name"))
+    """Build ``cfg.dataset`` (its ``_target_`` is the dataset class) with :func:`featstudy.groups.build`; the class
+    checks its split, root and settings before touching the disk."""
+    from featstudy.groups import build
+
+    return build(cfg_dataset, "dataset", transform=transform)
+
+
+def rebuild(description: dict) -> ImageDataset:
+    """The dataset an embedding was extracted from, from its ``meta.json`` description (:meth:`describe`): the
+    class named there, given the settings of its constructor that the description holds (root, split, and e.g.
+    ``per_class``, ``n_classes``, ``class_seed``), never downloading."""
+    import inspect
+
+    name = str(description.get("name"))
     if name not in DATASETS:
         raise ConfigError(f"dataset.name: {name!r} is not one of {sorted(DATASETS)}")
     cls = DATASETS[name]
-    split = cfg_dataset.get("split")
-    from featstudy.datasets.base import verify_split
-
-    verify_split(name, split, cls.splits)  # before touching the disk
-    root = cfg_dataset.get("root")
-    if root is None and name != "digits":
-        raise ConfigError(f"dataset.root: not set for {name}; set dataset.root=/path/to/data")
-    kwargs = {}
-    if name == "imagenet_val":
-        kwargs = {"n_classes": int(cfg_dataset.get("n_classes", 500)), "class_seed": int(cfg_dataset.get("class_seed", 0))}
-    if name == "digits" and cfg_dataset.get("per_class") is not None:
-        kwargs = {"per_class": cfg_dataset.get("per_class")}
-    max_pixels = cfg_dataset.get("max_pixels")
-    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
-        raise ConfigError(f"dataset.max_pixels: {max_pixels!r} must be a positive integer, or null for PIL's limit "
-                          "(Image.MAX_IMAGE_PIXELS)")
-    ds = cls(root, split=split, download=bool(cfg_dataset.get("download", False)), transform=transform, **kwargs)
-    ds.max_pixels = max_pixels
-    return ds
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in description.items() if k in params and k not in ("self", "transform", "download")}
+    return cls(**{**kwargs, "download": False})

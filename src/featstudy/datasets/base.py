@@ -25,18 +25,36 @@ from featstudy.transforms import load_rgb_and_mode
 
 
 class ImageDataset(Dataset):
-    """Base class: subclasses set ``name``, ``splits`` and fill ``classes`` and ``samples`` in ``__init__``."""
+    """Base class: subclasses set ``name``, ``splits`` and fill ``classes`` and ``samples`` in ``__init__``.
+
+    Built from ``conf/dataset/<name>.yaml`` (whose ``_target_`` is the subclass) by :func:`featstudy.groups.build`;
+    the constructor checks the fields every dataset shares: ``split`` (one of ``splits``), ``root`` (required unless
+    ``needs_root`` is False), ``max_pixels`` and ``name`` (the config's ``dataset.name``, which must be the class's
+    own: ``dataset=cub200 dataset.name=mit67`` is refused rather than half-applied).
+    """
 
     name: str = ""
     splits: tuple[str, ...] = ()
+    #: False for datasets without files (digits): ``root`` may then be null
+    needs_root: bool = True
 
-    def __init__(self, root, split: str, download: bool = False, transform=None):
+    def __init__(self, root, split: str, download: bool = False, transform=None, *, name: str | None = None,
+                 max_pixels: int | None = None):
+        if name is not None and str(name) != self.name:
+            raise ConfigError(f"dataset.name: {name!r} but dataset._target_ builds {type(self).__name__} "
+                              f"({self.name!r}); choose the dataset with dataset={name}")
+        self.split = verify_split(self.name, split, self.splits)  # before touching the disk
+        if root is None and self.needs_root:
+            raise ConfigError(f"dataset.root: not set for {self.name}; set dataset.root=/path/to/data")
+        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
+                                       or max_pixels < 1):
+            raise ConfigError(f"dataset.max_pixels: {max_pixels!r} must be a positive integer, or null for PIL's "
+                              "limit (Image.MAX_IMAGE_PIXELS)")
         self.root = Path(root).expanduser().resolve() if root is not None else None
-        self.split = verify_split(self.name, split, self.splits)
         self.download = bool(download)
         self.transform = transform
         #: images with more pixels are skipped as decompression bombs (None: PIL's Image.MAX_IMAGE_PIXELS)
-        self.max_pixels: int | None = None
+        self.max_pixels: int | None = max_pixels
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
 
@@ -74,6 +92,15 @@ class ImageDataset(Dataset):
         if self.root is None:
             raise ValueError(f"{type(self).__name__} has no root: override fingerprint() to hash its data")
         return content_fingerprint(self.root, [self.name, self.split, self.classes], self.samples, memo_dir)
+
+    def key_fields(self, memo_dir=None) -> dict:
+        """What about the data changes the numbers (hashed into the embedding key): name, split, the content
+        :meth:`fingerprint`, and ``max_pixels`` when set (it decides which images are skipped; absent when it is
+        PIL's default, so older keys are unchanged)."""
+        fields = {"name": self.name, "split": self.split, "fingerprint": self.fingerprint(memo_dir=memo_dir)}
+        if self.max_pixels is not None:
+            fields["max_pixels"] = self.max_pixels
+        return fields
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "root": str(self.root) if self.root else None,

@@ -27,8 +27,9 @@ class CUB200(ImageDataset):
     files = {"archive": ("CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78")}  # md5
     meta_files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 
-    def __init__(self, root, split: str = "train", download: bool = False, transform=None):
-        super().__init__(root, split, download, transform)
+    def __init__(self, root, split: str = "train", download: bool = False, transform=None, *, name: str | None = None,
+                 max_pixels: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
         base = self._base()
         if base is None and self.download:
             name, md5 = self.files["archive"]

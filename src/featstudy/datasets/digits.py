@@ -20,10 +20,11 @@ class Digits(ImageDataset):
 
     name = "digits"
     splits = ("all",)
+    needs_root = False
 
     def __init__(self, root=None, split: str = "all", download: bool = False, transform=None,
-                 per_class: int | None = None):
-        super().__init__(None, split, download, transform)
+                 per_class: int | None = None, *, name: str | None = None, max_pixels: int | None = None):
+        super().__init__(None, split, download, transform, name=name, max_pixels=max_pixels)
         from sklearn.datasets import load_digits
 
         from featstudy.errors import ConfigError

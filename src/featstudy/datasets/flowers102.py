@@ -34,8 +34,9 @@ class Flowers102(ImageDataset):
     split_keys = {"train": "trnid", "val": "valid", "test": "tstid"}
     n_classes = 102
 
-    def __init__(self, root, split: str = "test", download: bool = False, transform=None):
-        super().__init__(root, split, download, transform)
+    def __init__(self, root, split: str = "test", download: bool = False, transform=None, *, name: str | None = None,
+                 max_pixels: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
         base = self._base()
         if base is None and self.download:
             base = self.root / "flowers-102"

@@ -34,8 +34,12 @@ class ImageNetVal(ImageDataset):
                 "devkit": ("ILSVRC2012_devkit_t12.tar.gz", "fa75699e90414af021442c21a62c3abf")}  # md5, as torchvision
 
     def __init__(self, root, split: str = "val", download: bool = False, transform=None,
-                 n_classes: int = 500, class_seed: int = 0):
-        super().__init__(root, split, download, transform)
+                 n_classes: int = 500, class_seed: int = 0, *, name: str | None = None,
+                 max_pixels: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+        for key, value, low in (("n_classes", n_classes, 1), ("class_seed", class_seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"dataset.{key}: {value!r} must be an integer >= {low}")
         self.n_classes = int(n_classes)
         self.class_seed = int(class_seed)
         val = self.root / "val"
@@ -51,6 +55,10 @@ class ImageNetVal(ImageDataset):
         for label, wnid in enumerate(self.classes):
             files = sorted(p for p in (val / wnid).iterdir() if p.suffix.lower() in EXTENSIONS)
             self.samples += [(f"val/{wnid}/{p.name}", label) for p in files]
+
+    def key_fields(self, memo_dir=None) -> dict:
+        """The base fields and the class subset's ``n_classes`` and ``class_seed``."""
+        return {**super().key_fields(memo_dir), "n_classes": self.n_classes, "class_seed": self.class_seed}
 
     def describe(self) -> dict:
         return {**super().describe(), "n_classes": self.n_classes, "class_seed": self.class_seed}

@@ -23,8 +23,9 @@ class MIT67(ImageDataset):
     splits = ("train", "test", "all")
     split_files = {"train": ("TrainImages.txt",), "test": ("TestImages.txt",), "all": ("TrainImages.txt", "TestImages.txt")}
 
-    def __init__(self, root, split: str = "train", download: bool = False, transform=None):
-        super().__init__(root, split, download, transform)
+    def __init__(self, root, split: str = "train", download: bool = False, transform=None, *, name: str | None = None,
+                 max_pixels: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
         images = self.root / "Images"
         needed = self.split_files[self.split]
         if not images.is_dir() or not all((self.root / f).is_file() for f in needed):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -37,18 +36,74 @@ NODE_HINT = (
 )
 
 
-@dataclass
-class ModelSpec:
-    """A validated ``cfg.model``: the torchvision name, the node -> layer-name table and the weights source."""
+class TorchvisionModel:
+    """``model=vgg19|torchvision`` (``conf/model/*.yaml``, built by :func:`featstudy.groups.build`): a validated
+    torchvision classifier, the nodes it is read at and its weights, nothing loaded yet (cheap: runs before any
+    data is read).
 
-    name: str
-    nodes: dict[str, str]
-    weights: _weights.WeightsSource
-    preprocessing: str
-    channels: dict[str, int] = field(default_factory=dict)  # layer -> channels, filled when known
+    Attributes
+    ----------
+    name : str
+        A torchvision classification model (``torchvision.models.list_models``).
+    nodes : dict
+        Graph node -> layer name (vgg19 without ``nodes``: the paper's table, ``features.1 -> conv1_1`` ... ``fc7``).
+    weights : WeightsSource
+        Where the weights come from (:func:`featstudy.models.weights.resolve`).
+    preprocessing : str
+        ``torchvision`` or ``caffe``: what the weights were trained on (:func:`weights.preprocessing_of`, the
+        default of ``model.preprocessing``), unless set explicitly.
+    channels : dict
+        Layer -> channels where known without a forward pass (vgg19's table), else empty.
+
+    Raises
+    ------
+    ConfigError
+        An unknown model name, a missing, empty or duplicated node list, a bad preprocessing name; and
+        ConfigError/DataError from :func:`featstudy.models.weights.resolve`.
+    """
+
+    def __init__(self, name: str = "vgg19", weights: str = "IMAGENET1K_V1", preprocessing: str | None = None,
+                 seed: int = 0, nodes: list[str] | None = None):
+        from featstudy.transforms import check_preprocessing
+
+        name = str(name)
+        models = classification_models()
+        if name not in models:
+            raise ConfigError(f"model.name: {name!r} is not a torchvision classification model; valid: "
+                              f"torchvision.models.list_models(module=torchvision.models), e.g. {models[:6]}")
+        if nodes is None:
+            if name != "vgg19":
+                raise ConfigError(f"model.nodes: required for {name} (only vgg19 has a default table); "
+                                  + NODE_HINT.format(name=name))
+            table = _vgg19.return_nodes()
+            channels = {layer: c for layer, c in _vgg19.LAYER_TABLE.values()}
+        else:
+            nodes = [str(n) for n in nodes]
+            if not nodes:
+                raise ConfigError("model.nodes: empty list")
+            if len(set(nodes)) != len(nodes):
+                raise ConfigError(f"model.nodes: duplicate node names in {nodes}")
+            table = {n: n for n in nodes}
+            channels = {}
+        self.name = name
+        self.nodes = table
+        self.channels = channels
+        self.weights = _weights.resolve(name, weights, int(seed or 0))
+        if preprocessing is None:
+            preprocessing = _weights.preprocessing_of(self.weights, name)
+        self.preprocessing = check_preprocessing(str(preprocessing))
 
     def key_fields(self) -> dict:
-        return {"name": self.name, "nodes": self.nodes, "preprocessing": self.preprocessing, **self.weights.key_fields()}
+        """What about the model changes the numbers (hashed into the embedding key)."""
+        return {"name": self.name, "nodes": self.nodes, "preprocessing": self.preprocessing,
+                **self.weights.key_fields()}
+
+    def __repr__(self) -> str:
+        return f"TorchvisionModel({self.name!r}, weights={self.weights.tag!r}, preprocessing={self.preprocessing!r})"
+
+
+#: the former name of :class:`TorchvisionModel`
+ModelSpec = TorchvisionModel
 
 
 def classification_models() -> list[str]:
@@ -57,34 +112,11 @@ def classification_models() -> list[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
-def spec(cfg_model) -> ModelSpec:
-    """Validate ``cfg.model`` without building the network (cheap: runs before any data is read).
+def spec(cfg_model) -> TorchvisionModel:
+    """``cfg.model`` built (:func:`featstudy.groups.build`): validated, nothing loaded."""
+    from featstudy.groups import build
 
-    Raises ConfigError for an unknown model name, an empty node list or a bad preprocessing name, and
-    ConfigError/DataError from :func:`featstudy.models.weights.resolve`.
-    """
-    from featstudy.transforms import check_preprocessing
-
-    name = str(cfg_model.get("name", "vgg19"))
-    models = classification_models()
-    if name not in models:
-        raise ConfigError(f"model.name: {name!r} is not a torchvision classification model; valid: torchvision.models.list_models(module=torchvision.models), e.g. {models[:6]}")
-    nodes = cfg_model.get("nodes")
-    if nodes is None:
-        if name != "vgg19":
-            raise ConfigError(f"model.nodes: required for {name} (only vgg19 has a default table); " + NODE_HINT.format(name=name))
-        table = _vgg19.return_nodes()
-        channels = {layer: c for layer, c in _vgg19.LAYER_TABLE.values()}
-    else:
-        nodes = list(nodes)
-        if not nodes:
-            raise ConfigError("model.nodes: empty list")
-        if len(set(nodes)) != len(nodes):
-            raise ConfigError(f"model.nodes: duplicate node names in {nodes}")
-        table = {n: n for n in nodes}
-        channels = {}
-    src = _weights.resolve(name, cfg_model.get("weights"), int(cfg_model.get("seed", 0) or 0))
-    return ModelSpec(name=name, nodes=table, weights=src, preprocessing=check_preprocessing(str(cfg_model.get("preprocessing", "torchvision"))), channels=channels)
+    return build(cfg_model, "model")
 
 
 _INPLACE_FUNCTIONS = {getattr(operator, n) for n in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow",

@@ -140,6 +140,72 @@ def _resolve_enum(model_name: str, spec: str) -> WeightsSource:
     return WeightsSource(kind="torchvision", tag=weights.name, path=path, url=url)
 
 
+#: checkpoints known to expect Caffe preprocessing (BGR, 0-255, minus the mean pixel), by the sha256 prefix that
+#: torch.hub's naming puts in their file names: the VGG weights converted from the original Caffe models
+#: (github.com/jcjohnson/pytorch-vgg), used by the paper's generation of work
+CAFFE_CHECKPOINTS = {"d01eb7cb": "vgg19-d01eb7cb.pth", "00b39a1b": "vgg16-00b39a1b.pth"}
+
+
+def preprocessing_of(source: WeightsSource, model_name: str = "vgg19") -> str:
+    """What images ``source``'s weights were trained on, as ``model.preprocessing`` names it.
+
+    * ``random`` and a torchvision enum: ``torchvision`` (the builder's own convention, ImageNet mean/std);
+    * a file: its safetensors metadata ``preprocessing``; else, by its sha256, a known Caffe conversion
+      (:data:`CAFFE_CHECKPOINTS`) -> ``caffe``, or one of torchvision's own checkpoints of ``model_name`` ->
+      ``torchvision``.
+
+    Raises
+    ------
+    ConfigError
+        A file that records nothing and is not a known checkpoint: guessing would silently compute other numbers,
+        so the user says which (``model.preprocessing=torchvision|caffe``).
+    """
+    if source.kind != "file":
+        return "torchvision"
+    if source.path.suffix == ".safetensors":
+        recorded = _safetensors_metadata(source.path).get("preprocessing")
+        if recorded:
+            return str(recorded)
+    digest = source.sha256 or sha256_of(source.path)
+    for prefix in CAFFE_CHECKPOINTS:
+        if digest.startswith(prefix):
+            return "caffe"
+    if any(digest.startswith(prefix) for prefix in _torchvision_prefixes(model_name)):
+        return "torchvision"
+    raise ConfigError(f"model.preprocessing: {source.path} does not record how its images were preprocessed; set "
+                      "model.preprocessing=torchvision (ImageNet mean/std on 0-1 RGB) or caffe (BGR, 0-255, minus "
+                      "the mean pixel), or save it as .safetensors with metadata {'preprocessing': ...}")
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (nothing else is read)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file
+        raise DataError(f"model.weights: {path}: not a readable safetensors file ({type(exc).__name__}: {exc})") \
+            from exc
+
+
+def _torchvision_prefixes(model_name: str) -> list[str]:
+    """The sha256 prefixes in the file names of torchvision's checkpoints of ``model_name`` (none if unknown)."""
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(model_name)
+    except ValueError:
+        return []
+    return [p for p in (_hash_prefix(Path(urlparse(w.url).path)) for w in enum) if p]
+
+
+def _preprocessing_resolver(weights, model_name="vgg19") -> str:
+    """``${weights_preprocessing:${.weights},${.name}}``: the default of ``model.preprocessing``, so that
+    ``--cfg job --resolve`` shows what runs."""
+    return preprocessing_of(resolve(str(model_name), weights, 0), str(model_name))
+
+
 def _hash_prefix(path: Path) -> str | None:
     # torch.hub's convention: <name>-<first hex digits of sha256>.<ext>
     m = re.search(r"-([a-f0-9]+)\.", path.name)
