@@ -9,18 +9,14 @@ because an id is done at most once.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featstudy.store import (DONE_MARKER, atomic_file, atomic_save_npy, atomic_write_text, dropped_class_line,
-                             empty_classes, skipped_line, write_items, write_lines, write_manifest)
+from featstudy import store
+from featstudy.store import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +63,12 @@ def scan(folder: Path) -> ShardIndex:
 
 def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: list[str], labels: list[int],
           classes: list[str], feature_names: list[str], meta: dict) -> dict:
-    """Merge all shards into the store folder ``out`` (layout of :mod:`featstudy.store`, DONE last).
+    """Merge all shards into the store folder ``out``, written through :mod:`featstudy.store` (its layout, DONE last).
 
     Rows are ordered by image id; every id in ``range(n_images)`` must appear exactly once, as a row or as skipped,
     so the number of rows is ``n_images - n_skipped``. ``features.npy`` is filled through a memory map (memory flat
-    at any N) whose disk space is reserved first (:func:`reserve_npy`). Classes left without any row are recorded
-    in meta.json (``empty_classes``) and after the image lines of skipped.txt. DONE, the checksum manifest of every
-    file, is written last. Returns the meta written.
+    at any N, :func:`featstudy.store.fill_features`). The store records the classes left without any row and writes
+    DONE, the checksum manifest of every file, last (:func:`featstudy.store.finish`). Returns the meta written.
     """
     from featstudy.errors import DataError
 
@@ -105,61 +100,19 @@ def merge(shard_dir: Path, out: Path, *, n_images: int, n_features: int, paths: 
     row_of = np.full(n_images, -1, dtype=np.int64)
     row_of[kept] = np.arange(n_rows)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DONE_MARKER).unlink(missing_ok=True)
-    for stale in [*out.glob(".*.npy"), *out.glob(".*.tmp")]:
-        stale.unlink(missing_ok=True)  # temp files of a merge killed before its renames
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".features.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            reserve_npy(fh, (n_rows, n_features))
-        feats = np.lib.format.open_memmap(tmp, mode="r+")
+    def fill(feats: np.ndarray) -> None:
         for path in files:
             with np.load(path) as z:
                 ids = z["ids"]
                 if len(ids):
                     feats[row_of[ids]] = z["features"]
-        feats.flush()
-        del feats
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / "features.npy")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
+    store.begin(out)
+    store.fill_features(out, (n_rows, n_features), fill)
     all_labels = np.asarray(labels, dtype=np.int64)
-    atomic_save_npy(out / "labels.npy", all_labels[kept])
-    write_items(out / "paths.txt", (paths[i] for i in kept.tolist()))
-    write_items(out / "classes.txt", classes)
-    write_items(out / "feature_names.txt", feature_names)
-    empty = empty_classes(classes, all_labels[kept])
     sizes = np.bincount(all_labels, minlength=len(classes)) if len(all_labels) else np.zeros(len(classes), int)
-    write_lines(out / "skipped.txt", [*(skipped_line(paths[i], skipped[i]) for i in sorted(skipped)),
-                                      *(dropped_class_line(classes[c], int(sizes[c])) for c in empty)])
     meta = {**meta, "n_images": n_rows, "n_skipped": len(skipped), "n_dataset": n_images,
-            "image_modes": dict(sorted(modes.items())), "empty_classes": [classes[c] for c in empty]}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    write_manifest(out)  # DONE, last
-    return meta
-
-
-def reserve_npy(fh, shape: tuple[int, int]) -> None:
-    """Write a float32 ``.npy`` header for ``shape`` to the empty file ``fh`` and reserve the disk space of its data
-    (``posix_fallocate``), so that a full disk is an ``OSError`` (ENOSPC) here, never a SIGBUS when a page of the
-    memory map is filled later. Where the file system cannot reserve (EOPNOTSUPP, EINVAL), zeros are written."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(fh, header)
-    fh.flush()
-    offset = fh.tell()
-    size = offset + int(np.prod(shape)) * 4
-    try:
-        os.posix_fallocate(fh.fileno(), 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        zeros = bytes(1 << 20)
-        while fh.tell() < size:
-            fh.write(zeros[: size - fh.tell()])
-        fh.flush()
-    os.fsync(fh.fileno())
+            "image_modes": dict(sorted(modes.items()))}
+    return store.finish(out, labels=all_labels[kept], paths=[paths[i] for i in kept.tolist()], classes=classes,
+                        feature_names=feature_names, meta=meta,
+                        skipped=[(paths[i], skipped[i]) for i in sorted(skipped)], class_sizes=sizes)
