@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from featstudy.errors import EXIT_USAGE, FeatstudyError
-from featstudy.tracking import (HTTP_SETTINGS, JOURNAL_FILE, SWEEP_FILE, SYNCED_FILE, Journal, _lock_path,
-                                apply_http_settings, end_sweep, log_dataset, log_table, normalise_uri,
-                                prepare_experiment,
-                                redact, sqlite_path, store_failure)
+from featstudy.tracking import (HTTP_SETTINGS, JOURNAL_FILE, SWEEP_FILE, SYNCED_FILE, Journal, apply_http_settings,
+                                end_sweep, log_dataset, log_table, normalise_uri, prepare_experiment, redact,
+                                sqlite_path, store_failure)
+from featstudy.tracking.store import _lock_path
 
 log = logging.getLogger(__name__)
 
