@@ -47,7 +47,7 @@ refused before their run existed (:func:`record_preflight_failure`, :func:`prefl
 report), :func:`find_finished_run` (``tracking.resume``).
 
 :mod:`~featstudy.tracking.replay` owns :func:`sync_job`, the replay of a journal into a store, once (marker
-:data:`SYNCED_FILE`); for now it calls :func:`featstudy.sync.sync_job`.
+:data:`SYNCED_FILE`), with the end of the sweep parents it leaves open; :mod:`featstudy.sync` is its command line.
 """
 
 from featstudy.tracking.journal import JOURNAL_FILE, Journal
