@@ -11,12 +11,32 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from featstudy import tracking
 
 pytestmark = pytest.mark.slow
+
+
+def run_info(uri: str, run_id: str) -> dict[str, Any]:
+    """Status, tags, params, metrics and artifact paths of one run, read back from the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.normalise_uri(uri))
+    r = client.get_run(run_id)
+
+    def walk(path: str | None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out.extend(walk(f.path) if f.is_dir else [f.path])
+        return out
+
+    return {"status": r.info.status, "tags": dict(r.data.tags), "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics), "artifacts": sorted(walk(None)), "name": r.info.run_name,
+            "experiment_id": r.info.experiment_id,
+            "history": lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]}
 
 
 @pytest.fixture
@@ -69,7 +89,7 @@ def test_parallel_sweep_against_the_server(server_uri, tmp_path, image_folder, h
         for key, points in expected_metrics.items():
             got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
             assert got == sorted(points), key
-        info = tracking.run_info(server_uri, run.info.run_id)
+        info = run_info(server_uri, run.info.run_id)
         assert set(info["artifacts"]) == expected_files and "tables/table4.csv" in expected_files
         # the bytes served back over HTTP are the job's files
         got = tracking.download_artifact(server_uri, run.info.run_id, "tables/table4.csv", tmp_path / run.info.run_id)

@@ -51,7 +51,7 @@ report), :func:`find_finished_run` (``tracking.resume``).
 """
 
 from featstudy.tracking.journal import JOURNAL_FILE, Journal
-from featstudy.tracking.queries import child_runs, download_artifact, find_finished_run, find_job_runs, run_info
+from featstudy.tracking.queries import download_artifact, find_finished_run, find_job_runs
 from featstudy.tracking.replay import SYNCED_FILE, sync_job
 from featstudy.tracking.store import (CREDENTIAL_ENV, DATABASE_PASSWORD_ENV, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG,
                                       HTTP_SETTINGS, NETWORK_FILESYSTEMS, UI_RUNS_VIEW, apply_http_settings,
@@ -76,7 +76,7 @@ __all__ = [
     "PARENT_ID_FILE", "PREFLIGHT_FAILURES", "SWEEP_FILE", "SweepCallback", "end_open_sweeps", "end_sweep",
     "fresh_joblib_workers", "parent_run_id_from", "preflight_failures", "record_preflight_failure",
     # queries
-    "child_runs", "download_artifact", "find_finished_run", "find_job_runs", "run_info",
+    "download_artifact", "find_finished_run", "find_job_runs",
     # replay
     "SYNCED_FILE", "sync_job",
 ]

@@ -70,33 +70,3 @@ def download_artifact(uri: str, run_id: str, artifact_path: str, dst: str | Path
     client = MlflowClient(tracking_uri=normalise_uri(uri))
     Path(dst).mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
-
-
-def run_info(uri: str, run_id: str) -> dict[str, Any]:
-    """Status, tags, params, metrics and artifact paths of one run (for tests and the report)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=normalise_uri(uri))
-    r = client.get_run(run_id)
-
-    def walk(path: str | None) -> list[str]:
-        out = []
-        for f in client.list_artifacts(run_id, path):
-            out.extend(walk(f.path) if f.is_dir else [f.path])
-        return out
-
-    return {"status": r.info.status, "tags": dict(r.data.tags), "params": dict(r.data.params),
-            "metrics": dict(r.data.metrics), "artifacts": sorted(walk(None)), "name": r.info.run_name,
-            "experiment_id": r.info.experiment_id,
-            "history": lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]}
-
-
-def child_runs(uri: str, parent_run_id: str) -> list[str]:
-    """Ids of the runs whose ``mlflow.parentRunId`` is ``parent_run_id``."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=normalise_uri(uri))
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=10000)
-    return [r.info.run_id for r in runs]
