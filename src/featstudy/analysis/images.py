@@ -6,8 +6,9 @@ one made by the same network (same feature names, model, weights, crops and pool
 analysed dataset.
 
 Receptive fields: for a conv feature, the crop is the receptive field (paper Fig. 2) of the position where the
-feature's map peaks in the centre crop, computed from the layer geometry (:func:`receptive_fields`) when the network
-can be rebuilt from the embedding's meta (:mod:`featstudy.extraction`); fc features see the whole image.
+feature's map peaks in the centre crop, computed from VGG19's layer geometry (:func:`receptive_fields`, owned by
+:mod:`featstudy.models.vgg19`) when the network can be rebuilt from the embedding's meta
+(:mod:`featstudy.extraction`); fc features see the whole image.
 """
 
 from __future__ import annotations
@@ -25,31 +26,12 @@ log = logging.getLogger(__name__)
 
 THUMB = 96
 
-#: torchvision VGG19 ``features`` in order: ("conv", name) 3x3 stride 1 pad 1, or ("pool", None) 2x2 stride 2.
-VGG19_LAYOUT = [
-    ("conv", "conv1_1"), ("conv", "conv1_2"), ("pool", None),
-    ("conv", "conv2_1"), ("conv", "conv2_2"), ("pool", None),
-    ("conv", "conv3_1"), ("conv", "conv3_2"), ("conv", "conv3_3"), ("conv", "conv3_4"), ("pool", None),
-    ("conv", "conv4_1"), ("conv", "conv4_2"), ("conv", "conv4_3"), ("conv", "conv4_4"), ("pool", None),
-    ("conv", "conv5_1"), ("conv", "conv5_2"), ("conv", "conv5_3"), ("conv", "conv5_4"), ("pool", None),
-]
+def receptive_fields() -> dict[str, tuple[int, int, float]]:
+    """``layer -> (size, jump, start)`` of VGG19's conv layers: :func:`featstudy.models.vgg19.receptive_fields`,
+    which owns the network's geometry (read from torchvision's own modules)."""
+    from featstudy.models import vgg19
 
-
-def receptive_fields(layout=VGG19_LAYOUT) -> dict[str, tuple[int, int, float]]:
-    """``layer -> (size, jump, start)``: receptive-field size in input pixels, the stride between neighbouring
-    positions of its map, and the centre of position 0 (standard recursion: r += (k-1)·j, j *= s,
-    start += ((k-1)/2 - p)·j).
-    """
-    size, jump, start = 1, 1, 0.5
-    out = {}
-    for kind, name in layout:
-        k, s, p = (3, 1, 1) if kind == "conv" else (2, 2, 0)
-        size += (k - 1) * jump
-        start += ((k - 1) / 2 - p) * jump
-        jump *= s
-        if name:
-            out[name] = (size, jump, start)
-    return out
+    return vgg19.receptive_fields()
 
 
 def rf_box(layer: str, y: int, x: int, image_size: int) -> tuple[int, int, int, int] | None:
