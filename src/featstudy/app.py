@@ -7,6 +7,7 @@ It returns ``(metrics, objects)`` so tests can call it without the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -135,117 +136,189 @@ def _joblib_loader_workers(cfg: DictConfig, hc) -> None:
             cfg.loader.num_workers = 0
 
 
+def _prepare_config(cfg: DictConfig) -> None:
+    """Check and complete ``cfg`` in place before the job does anything: the launcher's GPUs restored, the config
+    validated, the sweep job's settings applied (DDP refused, device and loader workers chosen), the paths
+    resolved, the store's credentials moved out of ``tracking.uri``, the accelerator checked. Each mistake is one
+    line (exit 2), before any MLflow run."""
+    from featstudy.config import restore_launcher_gpus
+
+    # hydra/launcher=local: the GPUs the launching command saw, before anything asks CUDA (the first CUDA call
+    # fixes CUDA_VISIBLE_DEVICES for the life of the process; _refuse_ddp_in_a_sweep counts the GPUs)
+    restore_launcher_gpus()
+    validate(cfg)
+    _refuse_ddp_in_a_sweep(cfg)
+    resolve_paths(cfg)
+    from featstudy.tracking import strip_credentials
+
+    strip_credentials(cfg)  # user:password@ of tracking.uri -> MLFLOW_TRACKING_*: written nowhere
+    from featstudy.extraction.distributed import check_accelerator
+
+    check_accelerator(cfg)  # trainer.accelerator=gpu with no visible CUDA device: one line, not a CPU run
+
+
+def _helper_rank(cfg: DictConfig) -> tuple[dict, dict] | None:
+    """A DDP rank other than 0 (started by Lightning or srun) helps extract and returns ``({}, {"cfg", "embedding",
+    "rank"})``: rank 0 alone tracks and analyses. None on rank 0 (the rank comes from Lightning's cluster
+    environment: an inherited ``SLURM_PROCID`` is not a rank)."""
+    from featstudy.extraction import env_rank
+
+    rank = env_rank(cfg)
+    if rank == 0:
+        return None
+    log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
+    handle = _get_embedding(cfg)
+    return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
+
+
+def _open_output_dir(cfg: DictConfig) -> tuple[Path, Any]:
+    """Claim ``paths.output_dir`` (:func:`_claim_output_dir`) and write the resolved ``config.yaml`` in it; a full
+    disk is one line. Returns the folder and the claim (released when the job ends)."""
+    output_dir = Path(cfg.paths.output_dir)
+    claim = _claim_output_dir(output_dir)
+    try:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise _disk_error(exc, output_dir) from exc
+    return output_dir, claim
+
+
+def _resume_lookup(cfg: DictConfig, digest: str, claim: Any) -> tuple[dict, dict] | None:
+    """``tracking.resume=true`` with a store: an identical (same config hash) FINISHED run makes this job a skip,
+    said in one line; returns that run's metrics and ``{"cfg", "run_id", "skipped"}`` with the
+    output folder's claim released. None when the job has to run."""
+    if not (cfg.tracking.get("resume") and cfg.tracking.uri is not None):
+        return None
+    from featstudy.tracking import find_finished_run
+
+    done = find_finished_run(str(cfg.tracking.uri), str(cfg.tracking.experiment_name), digest)
+    if done is None:
+        return None
+    print(f"[featstudy] tracking.resume: skipped, identical FINISHED run {done.info.run_id} "
+          f"({done.data.tags.get('featstudy.output_dir', '')})", file=sys.stderr)
+    claim.release()
+    return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id, "skipped": True}
+
+
+def _job_tags(cfg: DictConfig, output_dir: Path, digest: str) -> dict[str, str]:
+    """The job run's tags: featstudy's version, output folder, role, config hash, ``CUDA_VISIBLE_DEVICES`` and,
+    when the code is in a git checkout, its commit (``git_sha``, ``mlflow.source.git.commit``)."""
+    from featstudy.tracking import git_sha
+
+    sha = git_sha(Path(__file__).resolve().parent, Path(cfg.paths.root_dir))
+    tags = {"featstudy.version": __version__, "version": __version__,
+            "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest,
+            "featstudy.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
+    if sha:
+        tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
+    return tags
+
+
+def _sweep_dir() -> str | None:
+    """The sweep folder of a ``-m`` job (its journal is listed there); None for a single run."""
+    hc = _hydra_runtime()
+    return hc.sweep.dir if hc is not None and str(hc.mode).endswith("MULTIRUN") else None
+
+
+@contextlib.contextmanager
+def _signals_raise_terminated():
+    """In the main thread, SIGTERM, SIGUSR1 and SIGUSR2 raise :class:`Terminated` inside the block (so the run is
+    marked KILLED); the previous handlers are put back when it ends. Elsewhere nothing changes."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _log_failure(exc: Exception, output_dir: Path, sweep_dir: str | None) -> Exception:
+    """Log why the job failed (its run is marked FAILED) and return what to raise. A user error is one line, in the
+    job's log file, on the console only in a sweep (a single run's CLI prints it once, at the end;
+    ``HYDRA_FULL_ERROR=1`` shows the traceback); a full disk becomes its one-line :class:`DataError`; anything
+    else is logged with its traceback and raised as it is."""
+    if isinstance(exc, FeatstudyError):
+        log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc,
+                  extra={"featstudy_file_only": not (sweep_dir or "")})
+        return exc
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        error = _disk_error(exc, output_dir)
+        log.error("run failed: %s (MLflow run marked FAILED)", error)
+        return error
+    log.exception("run failed: MLflow run marked FAILED")
+    return exc
+
+
+def _record_end(tracker: Any, status: str, t0: float, output_dir: Path, claim: Any) -> None:
+    """Whatever happened: ``run_seconds`` (FINISHED only) and the end status sent to the run, the job's own
+    ``status.txt`` (``status<TAB>run id or -<TAB>time``) written next to its outputs, the output folder released
+    and ``[featstudy] <status>: outputs in <folder>`` printed. A full disk is reported in one line each, never as a
+    second traceback."""
+    try:
+        if status == "FINISHED":
+            tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
+        tracker.end(status)
+    except OSError as exc:  # the journal's disk is full: the run's end is reported, not a second traceback
+        log.error("could not record the run's end (%s: %s)", exc.strerror, exc.filename or output_dir)
+    # a sweep can be audited without MLflow; written atomically, so a full disk leaves the old file or none, never
+    # an empty one
+    from featstudy.store import atomic_write_text
+
+    try:
+        atomic_write_text(output_dir / "status.txt", f"{status}\t{getattr(tracker, 'run_id', None) or '-'}"
+                          f"\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    except OSError as exc:
+        log.error("could not write %s (%s)", output_dir / "status.txt", exc.strerror or exc)
+    claim.release()
+    print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
+
+
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
     """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
 
     FINISHED once the task returned (so after every artifact is logged), KILLED on SIGINT, SIGTERM, SIGUSR1 or
-    SIGUSR2, FAILED on any other exception. The ``finally`` ends the run and prints the output folder whatever happened.
+    SIGUSR2, FAILED on any other exception. The end is recorded whatever happened (:func:`_record_end`).
     """
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> tuple[dict, dict]:
-        from featstudy.tracking import Tracker, git_sha
+        from featstudy.tracking import Tracker
 
-        from featstudy.config import restore_launcher_gpus
-
-        # hydra/launcher=local: the GPUs the launching command saw, before anything asks CUDA (the first CUDA call
-        # fixes CUDA_VISIBLE_DEVICES for the life of the process; _refuse_ddp_in_a_sweep counts the GPUs)
-        restore_launcher_gpus()
-        validate(cfg)
-        _refuse_ddp_in_a_sweep(cfg)
-        resolve_paths(cfg)
-        from featstudy.tracking import strip_credentials
-
-        strip_credentials(cfg)  # user:password@ of tracking.uri -> MLFLOW_TRACKING_*: written nowhere
-        from featstudy.extraction import env_rank
-        from featstudy.extraction.distributed import check_accelerator
-
-        check_accelerator(cfg)  # trainer.accelerator=gpu with no visible CUDA device: one line, not a CPU run
-        rank = env_rank(cfg)  # from Lightning's cluster environment (an inherited SLURM_PROCID is not a rank)
-        if rank != 0:  # a DDP rank started by Lightning or srun: it helps extract; rank 0 alone tracks and analyses
-            log.info("global rank %d: extraction only (rank 0 logs the run and runs the analyses)", rank)
-            handle = _get_embedding(cfg)
-            return {}, {"cfg": cfg, "embedding": handle, "rank": rank}
+        _prepare_config(cfg)
+        helped = _helper_rank(cfg)
+        if helped is not None:
+            return helped
         _preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
-        output_dir = Path(cfg.paths.output_dir)
-        claim = _claim_output_dir(output_dir)
-        try:
-            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
-            raise _disk_error(exc, output_dir) from exc
-
+        output_dir, claim = _open_output_dir(cfg)
         digest = config_hash(cfg)
-        if cfg.tracking.get("resume") and cfg.tracking.uri is not None:
-            from featstudy.tracking import find_finished_run
-
-            done = find_finished_run(str(cfg.tracking.uri), str(cfg.tracking.experiment_name), digest)
-            if done is not None:
-                print(f"[featstudy] tracking.resume: skipped, identical FINISHED run {done.info.run_id} "
-                      f"({done.data.tags.get('featstudy.output_dir', '')})", file=sys.stderr)
-                claim.release()
-                return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id, "skipped": True}
-
+        skipped = _resume_lookup(cfg, digest, claim)
+        if skipped is not None:
+            return skipped
         run_name, parent = _run_identity(cfg)
-        sha = git_sha(Path(__file__).resolve().parent, Path(cfg.paths.root_dir))
-        tags = {"featstudy.version": __version__, "version": __version__,
-                "featstudy.output_dir": str(output_dir), "featstudy.role": "job", "featstudy.config_hash": digest,
-                "featstudy.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
-        if sha:
-            tags.update({"git_sha": sha, "mlflow.source.git.commit": sha})
-        hc = _hydra_runtime()
-        sweep_dir = hc.sweep.dir if hc is not None and str(hc.mode).endswith("MULTIRUN") else None
+        tags, sweep_dir = _job_tags(cfg, output_dir, digest), _sweep_dir()
         tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags, sweep_dir=sweep_dir)
-
         _console_skips_file_only_records()
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}
-        status = "FAILED"
-        t0 = time.perf_counter()
+        status, t0 = "FAILED", time.perf_counter()
         try:
-            metrics, objects = task(cfg, tracker)
-            status = "FINISHED"
+            with _signals_raise_terminated():
+                try:
+                    metrics, objects = task(cfg, tracker)
+                    status = "FINISHED"
+                except KeyboardInterrupt:
+                    status = "KILLED"
+                    log.error("interrupted: MLflow run marked KILLED")
+                    raise
+                except Exception as exc:
+                    error = _log_failure(exc, output_dir, sweep_dir)
+                    if error is exc:
+                        raise
+                    raise error from exc
             return metrics, objects
-        except KeyboardInterrupt:
-            status = "KILLED"
-            log.error("interrupted: MLflow run marked KILLED")
-            raise
-        except FeatstudyError as exc:  # a user error: one line (HYDRA_FULL_ERROR=1 shows the traceback)
-            # in the job's log file; on the console only in a sweep (a single run's CLI prints it once, at the end)
-            log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc,
-                      extra={"featstudy_file_only": not (sweep_dir or "")})
-            raise
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                log.exception("run failed: MLflow run marked FAILED")
-                raise
-            error = _disk_error(exc, output_dir)  # a full disk: one line, exit 2, not a traceback
-            log.error("run failed: %s (MLflow run marked FAILED)", error)
-            raise error from exc
-        except Exception:
-            log.exception("run failed: MLflow run marked FAILED")
-            raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            try:
-                if status == "FINISHED":
-                    tracker.log_metrics({"run_seconds": time.perf_counter() - t0})
-                tracker.end(status)
-            except OSError as exc:  # the journal's disk is full: the run's end is reported, not a second traceback
-                log.error("could not record the run's end (%s: %s)", exc.strerror, exc.filename or output_dir)
-            # the job's own status file, next to its outputs (a sweep can be audited without MLflow); written
-            # atomically, so a full disk leaves the old file or none, never an empty one
-            from featstudy.store import atomic_write_text
-
-            try:
-                atomic_write_text(output_dir / "status.txt", f"{status}\t{getattr(tracker, 'run_id', None) or '-'}"
-                                  f"\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            except OSError as exc:
-                log.error("could not write %s (%s)", output_dir / "status.txt", exc.strerror or exc)
-            claim.release()
-            print(f"[featstudy] {status}: outputs in {output_dir}", file=sys.stderr)
+            _record_end(tracker, status, t0, output_dir, claim)
 
     return wrapped
 
@@ -386,7 +459,7 @@ def _check_layers(cfg: DictConfig) -> None:
 
 def empty_classes(classes: list[str], labels: Any) -> list[str]:
     """The names of ``classes`` that no row of ``labels`` holds (every image of theirs was unreadable), in order."""
-    present = set(int(label) for label in labels)
+    present = {int(label) for label in labels}
     return [name for i, name in enumerate(classes) if i not in present]
 
 
