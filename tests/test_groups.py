@@ -70,7 +70,7 @@ def test_per_class_is_declared_where_it_is_used(helpers):
 
 
 @pytest.mark.parametrize("over,message", [
-    (["dataset=cub200", "+dataset.per_class=3"], r"^dataset\.per_class: not a setting of featstudy\.datasets\.CUB200"),
+    (["dataset=cub200", "+dataset.n_classes=3"], r"^dataset\.n_classes: not a setting of featstudy\.datasets\.CUB200"),
     (["crops.size=300", "crops.resize=256"], r"^crops\.size: 300 > crops\.resize 256"),
     (["crops.name=twelve"], r"^crops\.name: 'twelve' is not one of"),
     (["pooling.name=min"], r"^pooling\.name: 'min' is not one of \['avg', 'max'\]"),
@@ -127,6 +127,28 @@ def test_the_demo_key_fields_are_exactly_what_changes_the_numbers(helpers, tmp_p
         "precision": "32-true",
         "dataset": {"name": "digits", "split": "all", "fingerprint": h.hexdigest()},
     }
+
+
+def test_per_class_keeps_the_first_images_of_each_class_of_any_dataset(helpers, tmp_path):
+    """`dataset.per_class=k` on an image folder: the first k files of each class in sorted order, the rest gone,
+    and the subset has its own cache key (so `experiment=demo dataset=imagefolder` runs the demo's 30 per class)."""
+    from PIL import Image
+
+    from featstudy.extraction import plan
+
+    for c, n in (("ant", 4), ("bee", 1), ("cow", 3)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+    over = ["experiment=demo", "dataset=imagefolder", f"dataset.root={tmp_path / 'data'}",
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    two = build(helpers.compose([*over, "dataset.per_class=2"]).dataset, "dataset")
+    assert two.samples == [("ant/0.png", 0), ("ant/1.png", 0), ("bee/0.png", 1), ("cow/0.png", 2), ("cow/1.png", 2)]
+    assert two.describe()["per_class"] == 2
+    everything = build(helpers.compose([*over, "dataset.per_class=null"]).dataset, "dataset")
+    assert len(everything) == 8
+    assert plan(helpers.compose([*over, "dataset.per_class=2"])).key != \
+        plan(helpers.compose([*over, "dataset.per_class=null"])).key
 
 
 def test_a_dataset_is_rebuilt_from_its_description(helpers):
@@ -220,8 +242,8 @@ def test_cfg_job_resolve_prints_the_preprocessing_that_runs(weight_files):
 
 
 def test_an_unknown_setting_is_one_line_and_exit_2_from_the_cli():
-    proc = _cli("dataset=cub200", "dataset.root=/nonexistent", "+dataset.per_class=3", "tracking.uri=null")
+    proc = _cli("dataset=cub200", "dataset.root=/nonexistent", "+dataset.n_classes=3", "tracking.uri=null")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if "dataset.per_class" in ln]
+    lines = [ln for ln in proc.stderr.splitlines() if "dataset.n_classes" in ln]
     assert lines and "not a setting of featstudy.datasets.CUB200" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -24,13 +24,26 @@ from featstudy.errors import ConfigError, DataError
 from featstudy.transforms import load_rgb_and_mode
 
 
-class ImageDataset(Dataset):
+class _SubsetAfterInit(type):
+    """Metaclass of :class:`ImageDataset`: once a dataset's own ``__init__`` has listed its samples, keeps the first
+    ``per_class`` of each class (:meth:`ImageDataset._keep_first_per_class`), so no subclass can forget to."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        obj._keep_first_per_class()
+        return obj
+
+
+class ImageDataset(Dataset, metaclass=_SubsetAfterInit):
     """Base class: subclasses set ``name``, ``splits`` and fill ``classes`` and ``samples`` in ``__init__``.
 
     Built from ``conf/dataset/<name>.yaml`` (whose ``_target_`` is the subclass) by :func:`featstudy.groups.build`;
     the constructor checks the fields every dataset shares: ``split`` (one of ``splits``), ``root`` (required unless
-    ``needs_root`` is False), ``max_pixels`` and ``name`` (the config's ``dataset.name``, which must be the class's
-    own: ``dataset=cub200 dataset.name=mit67`` is refused rather than half-applied).
+    ``needs_root`` is False), ``max_pixels``, ``per_class`` and ``name`` (the config's ``dataset.name``, which must
+    be the class's own: ``dataset=cub200 dataset.name=mit67`` is refused rather than half-applied).
+
+    ``per_class=k`` keeps the first k samples of each class in the dataset's own order (a quick look at any
+    dataset, and the demo's 30 digits per class); the fingerprint, hence the cache key, covers the subset.
     """
 
     name: str = ""
@@ -39,7 +52,7 @@ class ImageDataset(Dataset):
     needs_root: bool = True
 
     def __init__(self, root, split: str, download: bool = False, transform=None, *, name: str | None = None,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, per_class: int | None = None):
         if name is not None and str(name) != self.name:
             raise ConfigError(f"dataset.name: {name!r} but dataset._target_ builds {type(self).__name__} "
                               f"({self.name!r}); choose the dataset with dataset={name}")
@@ -50,6 +63,9 @@ class ImageDataset(Dataset):
                                        or max_pixels < 1):
             raise ConfigError(f"dataset.max_pixels: {max_pixels!r} must be a positive integer, or null for PIL's "
                               "limit (Image.MAX_IMAGE_PIXELS)")
+        if per_class is not None and (not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 1):
+            raise ConfigError(f"dataset.per_class: {per_class!r} must be a positive integer or null (all images)")
+        self.per_class: int | None = per_class
         self.root = Path(root).expanduser().resolve() if root is not None else None
         self.download = bool(download)
         self.transform = transform
@@ -57,6 +73,18 @@ class ImageDataset(Dataset):
         self.max_pixels: int | None = max_pixels
         self.classes: list[str] = []
         self.samples: list[tuple[str, int]] = []
+
+    def _keep_first_per_class(self) -> None:
+        """``samples`` cut to the first ``per_class`` of each class, in order (nothing when ``per_class`` is None)."""
+        if self.per_class is None:
+            return
+        seen: dict[int, int] = {}
+        kept = []
+        for path, label in self.samples:
+            if seen.get(label, 0) < self.per_class:
+                kept.append((path, label))
+                seen[label] = seen.get(label, 0) + 1
+        self.samples = kept
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -104,7 +132,8 @@ class ImageDataset(Dataset):
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "root": str(self.root) if self.root else None,
-                "n_images": len(self), "n_classes": len(self.classes)}
+                "n_images": len(self), "n_classes": len(self.classes),
+                **({"per_class": self.per_class} if self.per_class is not None else {})}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root}, split={self.split}, n={len(self)})"

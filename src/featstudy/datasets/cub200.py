@@ -28,8 +28,8 @@ class CUB200(ImageDataset):
     meta_files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 
     def __init__(self, root, split: str = "train", download: bool = False, transform=None, *, name: str | None = None,
-                 max_pixels: int | None = None):
-        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+                 max_pixels: int | None = None, per_class: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels, per_class=per_class)
         base = self._base()
         if base is None and self.download:
             name, md5 = self.files["archive"]

@@ -44,6 +44,9 @@ class Digits(ImageDataset):
     def image_and_mode(self, index: int):
         return Image.fromarray(self._pixels[index], mode="L").convert("RGB"), "L"
 
+    def _keep_first_per_class(self) -> None:
+        """Nothing: ``__init__`` already kept the first ``per_class`` of each class, with their pixels."""
+
     def describe(self) -> dict:
         return {**super().describe(), "per_class": self.per_class}
 

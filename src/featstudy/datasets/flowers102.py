@@ -35,8 +35,8 @@ class Flowers102(ImageDataset):
     n_classes = 102
 
     def __init__(self, root, split: str = "test", download: bool = False, transform=None, *, name: str | None = None,
-                 max_pixels: int | None = None):
-        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+                 max_pixels: int | None = None, per_class: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels, per_class=per_class)
         base = self._base()
         if base is None and self.download:
             base = self.root / "flowers-102"

@@ -15,8 +15,8 @@ class ImageFolder(ImageDataset):
     splits = ("all",)
 
     def __init__(self, root, split: str = "all", download: bool = False, transform=None, *, name: str | None = None,
-                 max_pixels: int | None = None):
-        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+                 max_pixels: int | None = None, per_class: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels, per_class=per_class)
         if self.root is None or not self.root.is_dir():
             raise missing_root(self.name, self.root, "one subfolder per class", downloadable=False)
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))

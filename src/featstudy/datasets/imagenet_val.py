@@ -35,8 +35,8 @@ class ImageNetVal(ImageDataset):
 
     def __init__(self, root, split: str = "val", download: bool = False, transform=None,
                  n_classes: int = 500, class_seed: int = 0, *, name: str | None = None,
-                 max_pixels: int | None = None):
-        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+                 max_pixels: int | None = None, per_class: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels, per_class=per_class)
         for key, value, low in (("n_classes", n_classes, 1), ("class_seed", class_seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"dataset.{key}: {value!r} must be an integer >= {low}")

@@ -24,8 +24,8 @@ class MIT67(ImageDataset):
     split_files = {"train": ("TrainImages.txt",), "test": ("TestImages.txt",), "all": ("TrainImages.txt", "TestImages.txt")}
 
     def __init__(self, root, split: str = "train", download: bool = False, transform=None, *, name: str | None = None,
-                 max_pixels: int | None = None):
-        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels)
+                 max_pixels: int | None = None, per_class: int | None = None):
+        super().__init__(root, split, download, transform, name=name, max_pixels=max_pixels, per_class=per_class)
         images = self.root / "Images"
         needed = self.split_files[self.split]
         if not images.is_dir() or not all((self.root / f).is_file() for f in needed):
