@@ -64,6 +64,33 @@ def test_statistics_are_computed_once_for_all_callbacks(tiny, monkeypatch):
     np.testing.assert_array_equal(ctx.d_random(), oracle.d_random(tiny.features, tiny.labels, 3, 2, 1))
 
 
+def test_kept_fractions_are_computed_once_for_the_thresholds_and_figures_callbacks(tiny, monkeypatch):
+    from featstudy import stats
+    from featstudy.analysis.figures import FiguresCallback
+
+    calls = []
+    real = stats.kept_fraction_by_layer
+
+    def counting(d, *a, **k):
+        calls.append(np.ndim(d))
+        return real(d, *a, **k)
+
+    monkeypatch.setattr(stats, "kept_fraction_by_layer", counting)
+    ctx = tiny.context()
+    thresholds = ThresholdsCallback().run(ctx)
+    figures = FiguresCallback(which=["fig10"], formats=["png"]).run(ctx)
+    assert calls == [2, 3]  # the real D (F, C), then the randomized stack (K, F, C): once for both callbacks
+    kept = ctx.kept()
+    assert kept is ctx.kept() and ctx.seconds("kept@0.001") is not None
+    # by hand (test_thresholds): 13 of the 24 real pairs lie beyond t+ = .375 / t- = -.375, 3 of the 24 randomized
+    assert (kept.overall, kept.overall_random) == (pytest.approx(13 / 24, abs=1e-12), pytest.approx(3 / 24, abs=1e-12))
+    m = thresholds.metrics
+    assert (m["kept_fraction"], m["kept_fraction_random"]) == (kept.overall, kept.overall_random)
+    assert thresholds.objects["kept"] == kept.by_layer and thresholds.objects["kept_random"] == kept.by_layer_random
+    bars = [b.get_height() for b in figures.objects["figures"]["fig10"].axes[0].patches]
+    assert bars == [100 * kept.by_layer[n] for n in tiny.layers] + [100 * kept.by_layer_random[n] for n in tiny.layers]
+
+
 def test_write_table_csv_rounds_json_keeps_full_precision(tmp_path):
     result = CallbackResult()
     path = write_table(result, tmp_path / "t.csv", ["name", "share", "n"], [["x", 1 / 3, 4], ["y", 0.5, 0]])

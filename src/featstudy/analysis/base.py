@@ -60,6 +60,24 @@ def write_table(result: CallbackResult, path: Path, header: list[str], rows: lis
     return path
 
 
+@dataclass(frozen=True)
+class KeptFractions:
+    """Share of (feature, class) pairs with D > t+ or D < t- (:meth:`AnalysisContext.kept`).
+
+    Attributes
+    ----------
+    by_layer, by_layer_random : dict
+        layer -> share in [0, 1], real and randomized labels (over all K permutations), in column order (Fig. 10).
+    overall, overall_random : float
+        The same over all analysed layers.
+    """
+
+    by_layer: dict[str, float]
+    by_layer_random: dict[str, float]
+    overall: float
+    overall_random: float
+
+
 class AnalysisContext:
     """The embedding, the analysis settings and lazily computed statistics shared by the callbacks.
 
@@ -170,18 +188,22 @@ class AnalysisContext:
         key = f"thresholds@{step}"
         return self._timed(key, lambda: stats.thresholds(self.ks().d, self.d_random(), step=step))
 
-    def kept_by_layer(self, step: float = 0.001) -> tuple[dict[str, float], dict[str, float]]:
-        """Per layer, the share of (feature, class) pairs with D > t+ or D < t- (paper Fig. 10), real labels and
-        randomized ones (over all K permutations); :func:`featstudy.stats.kept_fraction_by_layer`."""
+    def kept(self, step: float = 0.001) -> KeptFractions:
+        """The shares of (feature, class) pairs with D > t+ or D < t- (paper §5.5, Fig. 10), real labels and
+        randomized ones (over all K permutations): per layer (:func:`featstudy.stats.kept_fraction_by_layer`) and
+        over all analysed layers. Computed here once for the thresholds and figures callbacks."""
         from featstudy import stats
 
-        def both() -> tuple[dict[str, float], dict[str, float]]:
+        def compute() -> KeptFractions:
             th = self.thresholds(step)
-            bounds = (th.t_plus, th.t_minus, self.layer_of_feature)
-            return (stats.kept_fraction_by_layer(self.ks().d, *bounds),
-                    stats.kept_fraction_by_layer(self.d_random(), *bounds))
+            d, d_random = self.ks().d, self.d_random()
+            return KeptFractions(
+                by_layer=stats.kept_fraction_by_layer(d, th.t_plus, th.t_minus, self.layer_of_feature),
+                by_layer_random=stats.kept_fraction_by_layer(d_random, th.t_plus, th.t_minus, self.layer_of_feature),
+                overall=float(((d > th.t_plus) | (d < th.t_minus)).mean()),
+                overall_random=float(((d_random > th.t_plus) | (d_random < th.t_minus)).mean()))
 
-        return self._timed(f"kept@{step}", both)
+        return self._timed(f"kept@{step}", compute)
 
     def seconds(self, key: str) -> float | None:
         return self._cache.get(f"{key}_seconds")

@@ -127,8 +127,9 @@ class FiguresCallback(AnalysisCallback):
                                         f"{title}: D+ per class")
                 files += self._save(ctx, drawn, fig, "fig9")
             if "fig10" in self.which:
-                kept, kept_random = ctx.kept_by_layer(self.step)
-                fig = plots.fig10_kept(ctx.layers, kept, kept_random, f"{title}: pairs kept by t+ / t-")
+                kept = ctx.kept(self.step)
+                fig = plots.fig10_kept(ctx.layers, kept.by_layer, kept.by_layer_random,
+                                       f"{title}: pairs kept by t+ / t-")
                 files += self._save(ctx, drawn, fig, "fig10")
         return CallbackResult(files=files, objects={"figures": drawn})
 

@@ -62,7 +62,6 @@ class ThresholdsCallback(AnalysisCallback):
         from featstudy import stats
 
         ks = ctx.ks()
-        d_random = ctx.d_random()
         th = ctx.thresholds(self.step)
         t_plus, t_minus = float(th.t_plus), float(th.t_minus)
         metrics: dict[str, float] = {
@@ -76,7 +75,8 @@ class ThresholdsCallback(AnalysisCallback):
         # one threshold only (§5.5): no class has D > t+ (resp. D < t-), whatever the other side
         metrics["n_irrelevant_features_t_plus_only"] = float(np.sum(~(ks.d > t_plus).any(axis=1)))
         metrics["n_irrelevant_features_t_minus_only"] = float(np.sum(~(ks.d < t_minus).any(axis=1)))
-        kept, kept_random = ctx.kept_by_layer(self.step)
+        fractions = ctx.kept(self.step)
+        kept, kept_random = fractions.by_layer, fractions.by_layer_random
         rows = []
         for layer in ctx.layers:
             in_layer = layer_of == layer
@@ -85,10 +85,8 @@ class ThresholdsCallback(AnalysisCallback):
             metrics[f"kept_fraction.{layer}"] = float(kept[layer])
             metrics[f"kept_fraction_random.{layer}"] = float(kept_random[layer])
             rows.append([layer, int(in_layer.sum()), n_irr, float(kept[layer]), float(kept_random[layer])])
-        kept_all = (ks.d > t_plus) | (ks.d < t_minus)
-        kept_all_random = (d_random > t_plus) | (d_random < t_minus)
-        metrics["kept_fraction"] = float(kept_all.mean())
-        metrics["kept_fraction_random"] = float(kept_all_random.mean())
+        metrics["kept_fraction"] = fractions.overall
+        metrics["kept_fraction_random"] = fractions.overall_random
 
         grid = th.grid
         steps = np.rint(grid * 1000).astype(np.int64)  # x in thousandths of D
