@@ -40,6 +40,8 @@ _OUT = "int64[:, :, :], int64[:, :, :], float64[:, :, :], float64[:, :, :], bool
 _SIG_F32 = f"void(float32[:, :], int32[:, :], int64[:], {_OUT})"
 _SIG_F64 = f"void(float64[:, :], int32[:, :], int64[:], {_OUT})"
 _SIG_BINNED = [f"void({t}[:, :], int32[:, :], int64[:], int64, {_OUT})" for t in ("float32", "float64")]
+_SIG_AUROC_F32 = "void(float32[:, :], int32[:], int64[:, :], boolean[:])"
+_SIG_AUROC_F64 = "void(float64[:, :], int32[:], int64[:, :], boolean[:])"
 
 
 
@@ -110,11 +112,16 @@ def _group_columns(block, grp):
 
 
 @njit(cache=True, inline="always")
-def _sort_scratch(c_count, n):
-    """Scratch of the sort-based kernels: per sorted position the image (sidx), its run [rs, re) and its class
-    (slab); per class the extrema (g1, g2), their sorted positions (i1, i2) and counts (:func:`_emit`)."""
-    return (np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32),
-            np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
+def _sort_scratch(n):
+    """Scratch of a sorted feature: per sorted position the image (sidx) and its run [rs, re) of equal values."""
+    return np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32)
+
+
+@njit(cache=True, inline="always")
+def _pass_scratch(c_count, n):
+    """Scratch of the class pass (:func:`_emit`): per class the extrema (g1, g2), their sorted positions (i1, i2)
+    and counts; per sorted position the class (slab)."""
+    return (np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64),
             np.empty(c_count, dtype=np.int64), np.empty(c_count, dtype=np.int64), np.empty(n, dtype=np.int32))
 
 
@@ -283,71 +290,109 @@ def _emit(k, jj, sidx, lab, n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax,
         locm[k, jj, c] = values[sidx[i2[c]]]
 
 
-@_lazy_njit(_SIG_F32, parallel=True, cache=True, nogil=True)
-def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
-    """Exact extrema for a float32 block (N, fc): radix sort of the raw bits, one sort per feature for all K.
+@njit(cache=True, inline="always")
+def _f32_scratch(n):
+    """Scratch of :func:`_sort_f32`: packed (key, image) words and the radix sort's second buffer, the zeros'
+    images, the radix histograms."""
+    return (np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.int32),
+            np.empty((3, 2048), dtype=np.int64))
+
+
+@njit(cache=True, inline="always")
+def _sort_f32(x, packed, tmp, zidx, hist, sidx, rs, re):
+    """Sort one float32 feature ``x`` (N,) by a radix sort of its raw bits: fills ``sidx``, ``rs``, ``re``.
 
     Exact zeros (±0.0, the bulk of post-ReLU data) are kept out of the sort and inserted as one run between
-    the negative and the positive values.
+    the negative and the positive values. Returns False, writing nothing, if ``x`` holds NaN or ±inf. Inlined
+    into the kernels that share it (:func:`exact_f32`, :func:`auroc_f32`).
     """
+    n = x.size
+    zero_key = _f32_sort_key(np.uint32(0))
+    bits = x.view(np.uint32)
+    nonfinite = False
+    m = 0
+    nz = 0
+    kmin = np.uint32(0xFFFFFFFF)
+    kmax = np.uint32(0)
+    for i in range(n):  # branch-free: 40% zeros in random order would mispredict every other element
+        b = bits[i]
+        nonfinite |= (b & _EXP32) == _EXP32
+        zero = (b & np.uint32(0x7FFFFFFF)) == 0  # +0.0 or -0.0
+        key = _f32_sort_key(b)
+        zidx[nz] = i  # both slots are written; only the counter of the element's kind advances
+        packed[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(i)
+        nz += zero
+        m += not zero
+        kmin = min(kmin, np.uint32(0xFFFFFFFF) if zero else key)
+        kmax = max(kmax, np.uint32(0) if zero else key)
+    if nonfinite:
+        return False
+    srt = packed
+    if m > 1:
+        srt = _radix_sort_hi32(packed[:m], tmp[:m], hist, kmin, kmax)
+    # negatives (keys below the zero key) first, then the zero run, then the positives
+    p = 0
+    if m == 1:
+        p = 1 if kmin < zero_key else 0
+    elif m > 1 and kmin < zero_key:  # srt holds key - kmin in its high bits
+        lim = np.uint64(zero_key - kmin) << np.uint64(32)
+        lo_, hi_ = 0, m
+        while lo_ < hi_:
+            mid = (lo_ + hi_) // 2
+            if srt[mid] < lim:
+                lo_ = mid + 1
+            else:
+                hi_ = mid
+        p = lo_
+    if p > 0:
+        _packed_runs(srt, 0, p, 0, sidx, rs, re)
+    for z in range(nz):
+        sidx[p + z] = zidx[z]
+        rs[p + z] = p
+        re[p + z] = p + nz
+    if m > p:
+        _packed_runs(srt, p, m, p + nz, sidx, rs, re)
+    return True
+
+
+@njit(cache=True, inline="always")
+def _sort_f64(x, skey, sidx, rs, re):
+    """Sort one float64 feature ``x`` (N,) by comparison (merge sort; values compare, so −0.0 == +0.0): fills
+    ``sidx``, ``rs``, ``re`` (``skey``: scratch, the sorted values). Returns False, writing nothing, if ``x``
+    holds NaN or ±inf. Inlined into :func:`exact_f64` and :func:`auroc_f64`.
+    """
+    n = x.size
+    nonfinite = False  # not _value_range: exact statistics take ranges whose max − min overflows
+    for i in range(n):
+        if not np.isfinite(x[i]):
+            nonfinite = True
+    if nonfinite:
+        return False
+    order = np.argsort(x, kind="mergesort")
+    for i in range(n):
+        sidx[i] = order[i]
+        skey[i] = x[order[i]]
+    _run_bounds(skey, rs, re)
+    return True
+
+
+@_lazy_njit(_SIG_F32, parallel=True, cache=True, nogil=True)
+def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
+    """Exact extrema for a float32 block (N, fc): radix sort of the raw bits (:func:`_sort_f32`), one sort per
+    feature for all K."""
     n, fc = block.shape
     kperm = labels.shape[0]
     c_count = n_in.size
     n_groups = (fc + GROUP - 1) // GROUP
-    zero_key = _f32_sort_key(np.uint32(0))
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
-        packed = np.empty(n, dtype=np.uint64)
-        tmp = np.empty(n, dtype=np.uint64)
-        zidx = np.empty(n, dtype=np.int32)
-        hist = np.empty((3, 2048), dtype=np.int64)
-        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
+        packed, tmp, zidx, hist = _f32_scratch(n)
+        sidx, rs, re = _sort_scratch(n)
+        g1, g2, i1, i2, acount, slab = _pass_scratch(c_count, n)
         for j in range(gw):
-            bits = col[j].view(np.uint32)
-            nonfinite = False
-            m = 0
-            nz = 0
-            kmin = np.uint32(0xFFFFFFFF)
-            kmax = np.uint32(0)
-            for i in range(n):  # branch-free: 40% zeros in random order would mispredict every other element
-                b = bits[i]
-                nonfinite |= (b & _EXP32) == _EXP32
-                zero = (b & np.uint32(0x7FFFFFFF)) == 0  # +0.0 or -0.0
-                key = _f32_sort_key(b)
-                zidx[nz] = i  # both slots are written; only the counter of the element's kind advances
-                packed[m] = (np.uint64(key) << np.uint64(32)) | np.uint64(i)
-                nz += zero
-                m += not zero
-                kmin = min(kmin, np.uint32(0xFFFFFFFF) if zero else key)
-                kmax = max(kmax, np.uint32(0) if zero else key)
-            if nonfinite:
+            if not _sort_f32(col[j], packed, tmp, zidx, hist, sidx, rs, re):
                 bad[j0 + j] = True
                 continue
-            srt = packed
-            if m > 1:
-                srt = _radix_sort_hi32(packed[:m], tmp[:m], hist, kmin, kmax)
-            # negatives (keys below the zero key) first, then the zero run, then the positives
-            p = 0
-            if m == 1:
-                p = 1 if kmin < zero_key else 0
-            elif m > 1 and kmin < zero_key:  # srt holds key - kmin in its high bits
-                lim = np.uint64(zero_key - kmin) << np.uint64(32)
-                lo_, hi_ = 0, m
-                while lo_ < hi_:
-                    mid = (lo_ + hi_) // 2
-                    if srt[mid] < lim:
-                        lo_ = mid + 1
-                    else:
-                        hi_ = mid
-                p = lo_
-            if p > 0:
-                _packed_runs(srt, 0, p, 0, sidx, rs, re)
-            for z in range(nz):
-                sidx[p + z] = zidx[z]
-                rs[p + z] = p
-                re[p + z] = p + nz
-            if m > p:
-                _packed_runs(srt, p, m, p + nz, sidx, rs, re)
             for k in range(kperm):
                 _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm,
                       col[j])
@@ -355,7 +400,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
 
 @_lazy_njit(_SIG_F64, parallel=True, cache=True, nogil=True)
 def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
-    """Exact extrema for a float64 block (N, fc): comparison sort (values compare, so -0.0 == +0.0)."""
+    """Exact extrema for a float64 block (N, fc): comparison sort (:func:`_sort_f64`), one per feature for all K."""
     n, fc = block.shape
     kperm = labels.shape[0]
     c_count = n_in.size
@@ -363,24 +408,62 @@ def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         skey = np.empty(n, dtype=np.float64)
-        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
+        sidx, rs, re = _sort_scratch(n)
+        g1, g2, i1, i2, acount, slab = _pass_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
-            nonfinite = False  # not _value_range: exact statistics take ranges whose max − min overflows
-            for i in range(n):
-                if not np.isfinite(x[i]):
-                    nonfinite = True
-            if nonfinite:
+            if not _sort_f64(x, skey, sidx, rs, re):
                 bad[j0 + j] = True
                 continue
-            order = np.argsort(x, kind="mergesort")
-            for i in range(n):
-                sidx[i] = order[i]
-                skey[i] = x[order[i]]
-            _run_bounds(skey, rs, re)
             for k in range(kperm):
                 _emit(k, j0 + j, sidx, labels[k], n_in, n, rs, re, g1, g2, i1, i2, acount, slab, gmax, gmin, locp, locm,
                       x)
+
+
+@njit(cache=True)
+def _rank_sums(sidx, rs, re, lab, r2):
+    """r2[c] = Σ over the images of class c of twice their midrank, in int64 (exact).
+
+    The element at sorted position i in the run [s, e) of equal values has the 1-based midrank (s + 1 + e)/2,
+    so twice it is the integer s + e + 1.
+    """
+    for c in range(r2.size):
+        r2[c] = 0
+    for i in range(sidx.size):
+        r2[np.uint64(lab[np.uint64(sidx[i])])] += np.int64(rs[i]) + np.int64(re[i]) + np.int64(1)
+
+
+@_lazy_njit(_SIG_AUROC_F32, parallel=True, cache=True, nogil=True)
+def auroc_f32(block, lab, r2, bad):
+    """Rank sums for the AUROC of a float32 block (N, fc): r2[f, c] (:func:`_rank_sums`), after the same radix
+    sort as :func:`exact_f32`."""
+    n, fc = block.shape
+    n_groups = (fc + GROUP - 1) // GROUP
+    for grp in prange(n_groups):
+        j0, gw, col = _group_columns(block, grp)
+        packed, tmp, zidx, hist = _f32_scratch(n)
+        sidx, rs, re = _sort_scratch(n)
+        for j in range(gw):
+            if not _sort_f32(col[j], packed, tmp, zidx, hist, sidx, rs, re):
+                bad[j0 + j] = True
+                continue
+            _rank_sums(sidx, rs, re, lab, r2[j0 + j])
+
+
+@_lazy_njit(_SIG_AUROC_F64, parallel=True, cache=True, nogil=True)
+def auroc_f64(block, lab, r2, bad):
+    """Rank sums for the AUROC of a float64 block (N, fc), after the same merge sort as :func:`exact_f64`."""
+    n, fc = block.shape
+    n_groups = (fc + GROUP - 1) // GROUP
+    for grp in prange(n_groups):
+        j0, gw, col = _group_columns(block, grp)
+        skey = np.empty(n, dtype=np.float64)
+        sidx, rs, re = _sort_scratch(n)
+        for j in range(gw):
+            if not _sort_f64(col[j], skey, sidx, rs, re):
+                bad[j0 + j] = True
+                continue
+            _rank_sums(sidx, rs, re, lab, r2[j0 + j])
 
 
 @njit(cache=True, inline="always")
@@ -454,7 +537,8 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
         hist = np.empty(nbins, dtype=np.int64)
         bstart = np.empty(nbins, dtype=np.int64)
         edges = np.empty(nbins, dtype=np.float64)
-        sidx, rs, re, g1, g2, i1, i2, acount, slab = _sort_scratch(c_count, n)
+        sidx, rs, re = _sort_scratch(n)
+        g1, g2, i1, i2, acount, slab = _pass_scratch(c_count, n)
         for j in range(gw):
             x = col[j]
             lo, hi, finite = _value_range(x)

@@ -97,6 +97,14 @@ def prepare_labels(labels, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return classes, index.astype(np.int32).reshape(-1), n_in
 
 
+def permuted_index(labels, classes: np.ndarray, permutations: int, seed) -> np.ndarray:
+    """Class indices (K, N) int32 of ``permuted_labels(labels, permutations, seed)``, columns as ``classes``."""
+    from featstudy.stats.permutation import permuted_labels
+
+    rows = permuted_labels(labels, permutations=permutations, seed=seed)
+    return np.searchsorted(classes, rows).astype(np.int32)
+
+
 def _default_chunk(n: int, n_features: int, itemsize: int, k: int, c: int, copies: bool) -> int:
     by_out = OUTPUT_BYTES // max(1, 32 * k * c)
     fc = by_out
@@ -153,8 +161,12 @@ def _raise_bad_columns(block: np.ndarray, f0: int, bad: np.ndarray) -> None:
         raise ValueError(f"features contain NaN or inf (feature column(s) {cols}); clean or drop them first")
 
 
-def _read_block(features: np.ndarray, f0: int, f1: int, dtype: np.dtype) -> np.ndarray:
-    """Columns f0:f1 as an array the kernels accept; memory maps are copied slab by slab and released."""
+def _read_block(features: np.ndarray, f0: int, f1: int, dtype: np.dtype, rows=None) -> np.ndarray:
+    """Columns f0:f1 as an array the kernels accept; memory maps are copied slab by slab and released.
+
+    ``rows`` (int array), when given, takes those rows in that order (a bootstrap resample): the block is then
+    ``features[rows, f0:f1]``, always a fresh array.
+    """
     if isinstance(features, np.memmap):
         n = features.shape[0]
         block = np.empty((n, f1 - f0), dtype=dtype)
@@ -162,11 +174,47 @@ def _read_block(features: np.ndarray, f0: int, f1: int, dtype: np.dtype) -> np.n
             r1 = min(n, r0 + SLAB_ROWS)
             block[r0:r1] = features[r0:r1, f0:f1]
             _release_pages(features)
-        return block
+        return block if rows is None else block[rows]
+    if rows is not None:
+        return features[rows, f0:f1].astype(dtype, copy=False)
     block = features[:, f0:f1]
     if block.dtype != dtype or not block.flags.writeable:  # the kernels' signatures take writeable arrays
         block = block.astype(dtype)
     return block
+
+
+def _blocks(features, dtype: np.dtype, chunk_size, k: int, c: int, progress: bool, desc: str, rows=None):
+    """Yield (f0, f1, block) over chunks of feature columns: ``block`` (N, f1 − f0) of ``dtype`` from
+    :func:`_read_block`, its 64-bit integer columns checked (:func:`_check_integers`). The default chunk is sized
+    for ``k``·``c`` outputs per feature (:func:`_default_chunk`; a resample by ``rows`` counts as two copies).
+
+    The caller drops its reference to each block before asking for the next one: one block is alive at a time.
+    """
+    n, n_features = features.shape
+    copies = (rows is not None or isinstance(features, np.memmap) or features.dtype != dtype
+              or not features.flags.writeable)
+    if chunk_size is None:
+        chunk_size = _default_chunk(n, n_features, dtype.itemsize * (2 if rows is not None else 1), k, c, copies)
+    elif int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive number of features, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_features, unit="feature", desc=desc)
+    try:
+        for f0 in range(0, n_features, chunk_size):
+            f1 = min(n_features, f0 + chunk_size)
+            block = _read_block(features, f0, f1, dtype, rows)
+            _check_integers(features, block, f0)
+            yield f0, f1, block
+            del block
+            if bar is not None:
+                bar.update(f1 - f0)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def binned_method(n: int, nbins: int, n_classes: int) -> str:
@@ -182,12 +230,13 @@ def binned_method(n: int, nbins: int, n_classes: int) -> str:
     return "sort"
 
 
-def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, progress, out=None):
+def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, progress, out=None, rows=None):
     """Drive the kernels chunk by chunk; yields (f0, f1, gmax, gmin, locp, locm) per chunk, each (K, fc, C).
 
     ``out(f0, f1)``, when given, returns the four arrays to write into (views of the caller's results: no copy).
+    ``rows``, when given, resamples the images (:func:`_read_block`).
     """
-    n, n_features = features.shape
+    n = features.shape[0]
     exact = bins is None
     if not exact:
         if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
@@ -195,48 +244,29 @@ def _run(features, label_rows: np.ndarray, n_in: np.ndarray, bins, chunk_size, p
         bins = int(bins)
     dtype = _kernel_dtype(features.dtype, exact)
     k, c = label_rows.shape[0], n_in.size
-    copies = isinstance(features, np.memmap) or features.dtype != dtype or not features.flags.writeable
-    if chunk_size is None:
-        chunk_size = _default_chunk(n, n_features, dtype.itemsize, k, c, copies)
-    elif int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive number of features, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_features, unit="feature", desc="signed KS" if exact else f"signed KS ({bins} bins)")
-    try:
-        for f0 in range(0, n_features, chunk_size):
-            f1 = min(n_features, f0 + chunk_size)
-            block = _read_block(features, f0, f1, dtype)
-            fc = f1 - f0
-            if out is not None:
-                gmax, gmin, locp, locm = out(f0, f1)
-            else:
-                gmax = np.empty((k, fc, c), dtype=np.int64)
-                gmin = np.empty((k, fc, c), dtype=np.int64)
-                locp = np.empty((k, fc, c), dtype=np.float64)
-                locm = np.empty((k, fc, c), dtype=np.float64)
-            bad = np.zeros(fc, dtype=np.bool_)
-            _check_integers(features, block, f0)
-            label_rows = np.ascontiguousarray(label_rows, dtype=np.int32)
-            if exact and dtype == np.float32:
-                _kernels.exact_f32(block, label_rows, n_in, gmax, gmin, locp, locm, bad)
-            elif exact:
-                _kernels.exact_f64(block, label_rows, n_in, gmax, gmin, locp, locm, bad)
-            elif binned_method(n, bins, c) == "table":
-                _kernels.binned_table(block, label_rows, n_in, bins, gmax, gmin, locp, locm, bad)
-            else:
-                _kernels.binned(block, label_rows, n_in, bins, gmax, gmin, locp, locm, bad)
-            _raise_bad_columns(block, f0, bad)
-            del block
-            yield f0, f1, gmax, gmin, locp, locm
-            if bar is not None:
-                bar.update(fc)
-    finally:
-        if bar is not None:
-            bar.close()
+    label_rows = np.ascontiguousarray(label_rows, dtype=np.int32)
+    desc = "signed KS" if exact else f"signed KS ({bins} bins)"
+    for f0, f1, block in _blocks(features, dtype, chunk_size, k, c, progress, desc, rows):
+        fc = f1 - f0
+        if out is not None:
+            gmax, gmin, locp, locm = out(f0, f1)
+        else:
+            gmax = np.empty((k, fc, c), dtype=np.int64)
+            gmin = np.empty((k, fc, c), dtype=np.int64)
+            locp = np.empty((k, fc, c), dtype=np.float64)
+            locm = np.empty((k, fc, c), dtype=np.float64)
+        bad = np.zeros(fc, dtype=np.bool_)
+        if exact and dtype == np.float32:
+            _kernels.exact_f32(block, label_rows, n_in, gmax, gmin, locp, locm, bad)
+        elif exact:
+            _kernels.exact_f64(block, label_rows, n_in, gmax, gmin, locp, locm, bad)
+        elif binned_method(n, bins, c) == "table":
+            _kernels.binned_table(block, label_rows, n_in, bins, gmax, gmin, locp, locm, bad)
+        else:
+            _kernels.binned(block, label_rows, n_in, bins, gmax, gmin, locp, locm, bad)
+        _raise_bad_columns(block, f0, bad)
+        del block
+        yield f0, f1, gmax, gmin, locp, locm
 
 
 def signed_ks(features, labels, *, bins: int | None = 100, chunk_size: int | None = None, progress: bool = False):
@@ -382,13 +412,10 @@ def signed_ks_random(
     >>> signed_ks_random(x, np.arange(40) % 4, permutations=3, seed=1).shape
     (3, 5, 4)
     """
-    from featstudy.stats.permutation import permuted_labels
-
     features = _as_features(features)
     n, n_features = features.shape
     classes, _, n_in = prepare_labels(labels, n)
-    rows = permuted_labels(labels, permutations=permutations, seed=seed)
-    index = np.searchsorted(classes, rows).astype(np.int32)
+    index = permuted_index(labels, classes, permutations, seed)
     out = np.empty((index.shape[0], n_features, classes.size), dtype=np.float64)
     for f0, f1, g1, g2, _, _ in _run(features, index, n_in, bins, chunk_size, progress):
         _kernels.finish_random(g1, g2, n_in, n, out[:, f0:f1])
