@@ -69,10 +69,11 @@ def write_photos(folder: Path, n: int, width: int, height: int, seed: int = 0) -
 
 def make_cfg(args, data: Path, cache: Path):
     return OmegaConf.create({
-        "model": {"name": args.model, "weights": "random", "preprocessing": "torchvision", "seed": 0,
+        "model": {"_target_": "featstudy.models.TorchvisionModel", "name": args.model, "weights": "random", "preprocessing": "torchvision", "seed": 0,
                   "nodes": None if args.model == "vgg19" else args.nodes},
-        "dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data), "split": "all", "download": False},
-        "crops": {"name": args.crops, "resize": None if args.crops == "none" else args.resize, "size": args.size},
+        "dataset": {"_target_": "featstudy.datasets.ImageFolder", "name": "imagefolder", "root": str(data),
+                    "split": "all", "download": False},
+        "crops": {"_target_": "featstudy.transforms.CropSpec", "name": args.crops, "resize": None if args.crops == "none" else args.resize, "size": args.size},
         "pooling": {"_target_": "featstudy.pooling.Pooling", "name": "avg"},
         "loader": {"batch_size": args.batch_size, "num_workers": args.workers},
         "trainer": {"accelerator": "gpu" if args.device.type == "cuda" else "cpu", "devices": 1, "num_nodes": 1,
