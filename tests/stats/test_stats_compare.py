@@ -25,7 +25,8 @@ def test_binned_vs_exact_report():
         binned_vs_exact(x, y, bins=None)
 
 
-@pytest.mark.parametrize("module", ["ks", "permutation", "thresholds", "null", "compare"])
+@pytest.mark.parametrize("module", ["ks", "permutation", "thresholds", "null", "compare", "auroc", "selectivity",
+                                    "bootstrap"])
 def test_docstring_examples_run(module):
     mod = importlib.import_module(f"featstudy.stats.{module}")
     res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
