@@ -7,16 +7,12 @@ It returns ``(metrics, objects)`` so tests can call it without the CLI.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,52 +20,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from featstudy import __version__
+from featstudy import __version__, job
 from featstudy.config import config_hash, resolve_paths, validate
 from featstudy.errors import FeatstudyError
+from featstudy.job import Terminated  # noqa: F401 - featstudy.app.Terminated, as documented
+from featstudy.preflight import preflight
 
 log = logging.getLogger(__name__)
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread when the process receives SIGTERM (``kill``, SLURM at the time limit) or SIGUSR1 /
-    SIGUSR2 (SLURM's and submitit's warning before the time limit, ``hydra/launcher=slurm``)."""
-
-
-#: signals that end a job as KILLED (SIGINT already raises KeyboardInterrupt)
-KILL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"received signal {signal.Signals(signum).name}")
-
-
-def _hydra_runtime() -> Any | None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get() if HydraConfig.initialized() else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _run_identity(cfg: DictConfig) -> tuple[str | None, str | None]:
-    """(run name, sweep parent run id): what differs first (:mod:`featstudy.run_names`). A sweep child is named
-    after its swept settings; a single run after its dataset, model, weights and bins, unless ``tracking.run_name``
-    says otherwise."""
-    from featstudy import run_names
-    from featstudy.tracking import parent_run_id_from, redact
-
-    hc = _hydra_runtime()
-    if hc is not None:
-        from hydra.types import RunMode
-
-        if hc.mode == RunMode.MULTIRUN:
-            name = run_names.sweep_child_name(cfg, list(hc.overrides.task), run_names.swept_keys(hc.sweep.dir))
-            return redact(name), parent_run_id_from(hc.sweep.dir)
-    if OmegaConf.select(cfg, "tracking.run_name", default=None):
-        return None, None
-    return run_names.single_run_name(cfg), None
 
 
 def _log_dataset(tracker, cfg: DictConfig, handle) -> None:
@@ -93,7 +50,7 @@ def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
     one device, GPU ``job number % visible GPUs`` where several are visible (joblib jobs share the machine's GPUs;
     a submitit job sees its own), logged and recorded in the job's params (:func:`distributed.sweep_devices`).
     """
-    hc = _hydra_runtime()
+    hc = job.hydra_runtime()
     if hc is None or "trainer" not in cfg:
         return
     from hydra.types import RunMode
@@ -172,16 +129,16 @@ def _helper_rank(cfg: DictConfig) -> tuple[dict, dict] | None:
 
 
 def _open_output_dir(cfg: DictConfig) -> tuple[Path, Any]:
-    """Claim ``paths.output_dir`` (:func:`_claim_output_dir`) and write the resolved ``config.yaml`` in it; a full
-    disk is one line. Returns the folder and the claim (released when the job ends)."""
+    """Claim ``paths.output_dir`` (:func:`featstudy.job.claim_output_dir`) and write the resolved ``config.yaml``
+    in it; a full disk is one line. Returns the folder and the claim (released when the job ends)."""
     output_dir = Path(cfg.paths.output_dir)
-    claim = _claim_output_dir(output_dir)
+    claim = job.claim_output_dir(output_dir)
     try:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        if exc.errno not in job.DISK_FULL:
             raise
-        raise _disk_error(exc, output_dir) from exc
+        raise job.disk_error(exc, output_dir) from exc
     return output_dir, claim
 
 
@@ -218,21 +175,8 @@ def _job_tags(cfg: DictConfig, output_dir: Path, digest: str) -> dict[str, str]:
 
 def _sweep_dir() -> str | None:
     """The sweep folder of a ``-m`` job (its journal is listed there); None for a single run."""
-    hc = _hydra_runtime()
+    hc = job.hydra_runtime()
     return hc.sweep.dir if hc is not None and str(hc.mode).endswith("MULTIRUN") else None
-
-
-@contextlib.contextmanager
-def _signals_raise_terminated():
-    """In the main thread, SIGTERM, SIGUSR1 and SIGUSR2 raise :class:`Terminated` inside the block (so the run is
-    marked KILLED); the previous handlers are put back when it ends. Elsewhere nothing changes."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in KILL_SIGNALS} if in_main else {}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _log_failure(exc: Exception, output_dir: Path, sweep_dir: str | None) -> Exception:
@@ -244,8 +188,8 @@ def _log_failure(exc: Exception, output_dir: Path, sweep_dir: str | None) -> Exc
         log.error("run failed: %s (MLflow run marked FAILED)", str(exc).splitlines()[0] if str(exc) else exc,
                   extra={"featstudy_file_only": not (sweep_dir or "")})
         return exc
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        error = _disk_error(exc, output_dir)
+    if isinstance(exc, OSError) and exc.errno in job.DISK_FULL:
+        error = job.disk_error(exc, output_dir)
         log.error("run failed: %s (MLflow run marked FAILED)", error)
         return error
     log.exception("run failed: MLflow run marked FAILED")
@@ -291,19 +235,19 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         helped = _helper_rank(cfg)
         if helped is not None:
             return helped
-        _preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
+        preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
         output_dir, claim = _open_output_dir(cfg)
         digest = config_hash(cfg)
         skipped = _resume_lookup(cfg, digest, claim)
         if skipped is not None:
             return skipped
-        run_name, parent = _run_identity(cfg)
+        run_name, parent = job.run_identity(cfg)
         tags, sweep_dir = _job_tags(cfg, output_dir, digest), _sweep_dir()
         tracker = Tracker.start(cfg, run_name=run_name, parent_run_id=parent, tags=tags, sweep_dir=sweep_dir)
-        _console_skips_file_only_records()
+        job.console_skips_file_only_records()
         status, t0 = "FAILED", time.perf_counter()
         try:
-            with _signals_raise_terminated():
+            with job.signals_raise_terminated():
                 try:
                     metrics, objects = task(cfg, tracker)
                     status = "FINISHED"
@@ -321,140 +265,6 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
             _record_end(tracker, status, t0, output_dir, claim)
 
     return wrapped
-
-
-class _FileOnly(logging.Filter):
-    """On console handlers: drops records logged with ``extra={"featstudy_file_only": True}``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, "featstudy_file_only", False)
-
-
-def _console_skips_file_only_records() -> None:
-    """Install :class:`_FileOnly` on the root logger's console handlers (Hydra's job logging made them)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                and not any(isinstance(f, _FileOnly) for f in handler.filters):
-            handler.addFilter(_FileOnly())
-
-
-#: errno values of a full disk or an exhausted quota
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-def _disk_error(exc: OSError, output_dir: Path) -> Exception:
-    """A full disk under the output folder as a one-line :class:`DataError` naming the folder and the fix; any
-    other OSError is returned unchanged."""
-    from featstudy.errors import DataError
-
-    if exc.errno not in DISK_FULL:
-        return exc
-    return DataError(f"paths.output_dir: cannot write {exc.filename or output_dir} ({exc.strerror}); free space on "
-                     f"the disk holding {output_dir}, or write elsewhere: paths.log_dir=<folder on another disk>")
-
-
-class _QuietFileLog:
-    """``handleError`` for Hydra's job log file: a full disk is reported once, in one line, instead of a
-    "--- Logging error ---" traceback for every record."""
-
-    def __init__(self, handler: logging.Handler):
-        self.handler, self.told = handler, False
-
-    def __call__(self, record: logging.LogRecord) -> None:
-        if not self.told:
-            self.told = True
-            exc = sys.exc_info()[1]
-            sys.stderr.write(f"[featstudy] cannot write the log file {getattr(self.handler, 'baseFilename', '')} "
-                             f"({getattr(exc, 'strerror', None) or exc}); logging goes on to the console only\n")
-
-
-#: the output folders this process holds (``.featstudy.lock`` path -> lock); one job at a time per process
-_CLAIMS: dict[str, Any] = {}
-
-
-def _claim_output_dir(output_dir: Path) -> Any:
-    """Create the job's output folder and hold ``.featstudy.lock`` in it for the job's life.
-
-    The run folder's name is already unique (``${unique_dir:}``, created atomically); this guards a folder chosen
-    by hand (``hydra.run.dir=...``, ``paths.output_dir=...``): a second job started there while the first runs is
-    refused in one line instead of mixing the two journals. The lock dies with its process, so a rerun in the same
-    folder later is allowed (its old journal is kept aside). Hydra's log file handlers are made quiet on a full disk.
-    """
-    from filelock import FileLock, Timeout
-
-    from featstudy.errors import ConfigError
-
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path = str(output_dir / ".featstudy.lock")
-        stale = _CLAIMS.pop(path, None)
-        if stale is not None:  # this process's earlier job there, which ended without releasing it (it raised)
-            stale.release(force=True)
-        lock = FileLock(path, is_singleton=False)
-        lock.acquire(timeout=0)
-        _CLAIMS[path] = lock
-    except Timeout:
-        raise ConfigError(f"paths.output_dir: {output_dir} is in use by another running job; give each job its own "
-                          "folder (leave hydra.run.dir and paths.output_dir at their defaults)") from None
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
-            raise
-        raise _disk_error(exc, output_dir) from exc
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and not isinstance(handler.handleError, _QuietFileLog):
-            handler.handleError = _QuietFileLog(handler)
-    return lock
-
-
-def _preflight(cfg: DictConfig) -> None:
-    """What can be found wrong without extracting, before the job's MLflow run exists: the weights (a missing
-    file, an unknown enum), ``analysis.layers``, the dataset (a missing root, fewer than two classes). A failure is
-    one line and exit 2 with no run in MLflow; in a sweep it is also recorded in the sweep folder
-    (:data:`featstudy.tracking.PREFLIGHT_FAILURES`), so the sweep's end lists the job and marks the parent FAILED."""
-    from featstudy import models
-
-    try:
-        models.spec(cfg.model)
-        _check_layers(cfg)
-        _check_classes(cfg)
-    except FeatstudyError as exc:
-        hc = _hydra_runtime()
-        if hc is not None and str(hc.mode).endswith("MULTIRUN"):
-            from featstudy.tracking import record_preflight_failure
-
-            record_preflight_failure(hc.sweep.dir, _run_identity(cfg)[0] or f"job {hc.job.num}",
-                                     str(cfg.paths.output_dir), str(exc).splitlines()[0] if str(exc) else repr(exc))
-        raise
-
-
-def _check_classes(cfg: DictConfig) -> None:
-    """Refuse a dataset with fewer than two classes before any image is read (the KS compares a class with the
-    others); one line naming ``dataset.root``."""
-    from featstudy import datasets
-    from featstudy.errors import DataError
-
-    ds = datasets.from_config(cfg.dataset)
-    labels = set(ds.targets)
-    if len(labels) < 2:
-        names = [ds.classes[i] for i in sorted(labels)]
-        raise DataError(f"dataset.root: {ds.root or cfg.dataset.name}: {len(ds)} images of {len(labels)} class(es) "
-                        f"{names}; the analysis compares classes, so it needs two classes or more")
-
-
-def _check_layers(cfg: DictConfig) -> None:
-    """Refuse ``analysis.layers`` names that the model does not produce, before any extraction (which may take
-    hours); one line naming the key, the unknown names and the valid ones."""
-    layers = cfg.analysis.get("layers")
-    if layers is None:
-        return
-    from featstudy import models
-    from featstudy.errors import ConfigError
-
-    known = list(models.spec(cfg.model).nodes.values())
-    unknown = [name for name in layers if name not in known]
-    if unknown:
-        raise ConfigError(f"analysis.layers: unknown layer(s) {unknown}; {cfg.model.name} with these model.nodes "
-                          f"has {known}")
 
 
 def empty_classes(classes: list[str], labels: Any) -> list[str]:

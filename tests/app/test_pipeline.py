@@ -237,6 +237,7 @@ def kill_store(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_a_signal_marks_the_run_killed(sig, kill_store, image_folder, helpers, monkeypatch):
     import featstudy.app
+    import featstudy.job
 
     root, uri = kill_store
     before = {r.info.run_id for r in all_runs(uri)}
@@ -254,7 +255,7 @@ def test_a_signal_marks_the_run_killed(sig, kill_store, image_folder, helpers, m
     assert run.info.status == "KILLED"
     status = (Path(run.data.tags["featstudy.output_dir"]) / "status.txt").read_text().split("\t")
     assert status[:2] == ["KILLED", run.info.run_id]
-    assert signal.getsignal(sig) is not featstudy.app._raise_terminated
+    assert signal.getsignal(sig) is not featstudy.job.raise_terminated
 
 
 def test_report_compares_runs_and_is_logged(history, tmp_path):
