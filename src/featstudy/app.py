@@ -221,7 +221,8 @@ def _record_end(tracker: Any, status: str, t0: float, output_dir: Path, claim: A
 
 
 def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[dict, dict]]:
-    """Run ``task(cfg, tracker)`` inside an MLflow run whose end is always recorded.
+    """Run ``task(cfg, tracker, dataset)`` inside an MLflow run whose end is always recorded (``dataset``: the one
+    the pre-flight built from ``cfg.dataset``, so that the run lists its folder once).
 
     FINISHED once the task returned (so after every artifact is logged), KILLED on SIGINT, SIGTERM, SIGUSR1 or
     SIGUSR2, FAILED on any other exception. The end is recorded whatever happened (:func:`_record_end`).
@@ -235,7 +236,7 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         helped = _helper_rank(cfg)
         if helped is not None:
             return helped
-        preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
+        dataset = preflight(cfg)  # mistakes found without extracting: one line, exit 2, no MLflow run
         output_dir, claim = _open_output_dir(cfg)
         digest = config_hash(cfg)
         skipped = _resume_lookup(cfg, digest, claim)
@@ -249,7 +250,7 @@ def task_wrapper(task: Callable[..., tuple[dict, dict]]) -> Callable[..., tuple[
         try:
             with job.signals_raise_terminated():
                 try:
-                    metrics, objects = task(cfg, tracker)
+                    metrics, objects = task(cfg, tracker, dataset)
                     status = "FINISHED"
                 except KeyboardInterrupt:
                     status = "KILLED"
@@ -273,19 +274,21 @@ def empty_classes(classes: list[str], labels: Any) -> list[str]:
     return [name for i, name in enumerate(classes) if i not in present]
 
 
-def _get_embedding(cfg: DictConfig) -> Any:
-    """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`."""
+def _get_embedding(cfg: DictConfig, dataset: Any = None) -> Any:
+    """The cached embedding for ``cfg`` (extracted on a miss) through :func:`featstudy.extraction.get_embedding`;
+    ``dataset``: the one the pre-flight built from ``cfg.dataset`` (built there when None)."""
     from featstudy.extraction import get_embedding
 
-    return get_embedding(cfg)
+    return get_embedding(cfg, dataset)
 
 
 @task_wrapper
-def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one experiment job.
 
     Steps: the resolved config is logged (params with dotted keys, ``config.yaml`` artifact); the embedding comes
-    from the cache or is extracted (tag ``embedding_cache``: ``hit``/``miss``); each callback of
+    from the cache or is extracted (tag ``embedding_cache``: ``hit``/``miss``; from ``dataset``, the one the
+    pre-flight built, when given); each callback of
     ``cfg.analysis.callbacks`` runs in order on the ``analysis.layers`` subset, writes its files under
     ``paths.output_dir`` and then has its metrics, curves and files logged.
 
@@ -304,7 +307,7 @@ def run(cfg: DictConfig, tracker: Any = None) -> tuple[dict[str, float], dict[st
     tracker.log_artifact(output_dir / "config.yaml")
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
-    handle = _get_embedding(cfg)
+    handle = _get_embedding(cfg, dataset)
     tracker.set_tags({
         "weights": handle.weights_tag,
         "dataset": cfg.dataset.name,

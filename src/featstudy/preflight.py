@@ -6,23 +6,28 @@ Each mistake is one line and exit 2 with no run in MLflow (:func:`featstudy.app.
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import DictConfig
 
 from featstudy.errors import FeatstudyError
 from featstudy.job import hydra_runtime, run_identity
 
 
-def preflight(cfg: DictConfig) -> None:
+def preflight(cfg: DictConfig) -> Any:
     """What can be found wrong without extracting, before the job's MLflow run exists: the weights (a missing
     file, an unknown enum), ``analysis.layers``, the dataset (a missing root, fewer than two classes). A failure is
     one line and exit 2 with no run in MLflow; in a sweep it is also recorded in the sweep folder
-    (:data:`featstudy.tracking.PREFLIGHT_FAILURES`), so the sweep's end lists the job and marks the parent FAILED."""
+    (:data:`featstudy.tracking.PREFLIGHT_FAILURES`), so the sweep's end lists the job and marks the parent FAILED.
+
+    Returns the dataset built from ``cfg.dataset`` (:func:`check_classes`), for
+    :func:`featstudy.extraction.get_embedding`: a run lists its folder once."""
     from featstudy import models
 
     try:
         models.spec(cfg.model)
         check_layers(cfg)
-        check_classes(cfg)
+        return check_classes(cfg)
     except FeatstudyError as exc:
         hc = hydra_runtime()
         if hc is not None and str(hc.mode).endswith("MULTIRUN"):
@@ -33,9 +38,9 @@ def preflight(cfg: DictConfig) -> None:
         raise
 
 
-def check_classes(cfg: DictConfig) -> None:
+def check_classes(cfg: DictConfig) -> Any:
     """Refuse a dataset with fewer than two classes before any image is read (the KS compares a class with the
-    others); one line naming ``dataset.root``."""
+    others); one line naming ``dataset.root``. Returns the dataset built from ``cfg.dataset``."""
     from featstudy import datasets
     from featstudy.errors import DataError
 
@@ -45,6 +50,7 @@ def check_classes(cfg: DictConfig) -> None:
         names = [ds.classes[i] for i in sorted(labels)]
         raise DataError(f"dataset.root: {ds.root or cfg.dataset.name}: {len(ds)} images of {len(labels)} class(es) "
                         f"{names}; the analysis compares classes, so it needs two classes or more")
+    return ds
 
 
 def check_layers(cfg: DictConfig) -> None:

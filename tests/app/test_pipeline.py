@@ -94,7 +94,7 @@ def run_sweep(helpers, root: Path, images: Path, uri: str, *overrides: str, mp=N
     return Step(rc, new, err.getvalue(), cache_folders(root), out.getvalue())
 
 
-def _inject_failure(cfg):
+def _inject_failure(cfg, dataset=None):
     from featstudy.errors import DataError
 
     raise DataError("dataset: injected failure (test)")
@@ -242,7 +242,7 @@ def test_a_signal_marks_the_run_killed(sig, kill_store, image_folder, helpers, m
     root, uri = kill_store
     before = {r.info.run_id for r in all_runs(uri)}
 
-    def terminated(cfg):
+    def terminated(cfg, dataset=None):
         os.kill(os.getpid(), sig)
         time.sleep(10)
         raise AssertionError(f"{sig} was not delivered")
