@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from featstudy.stats import class_auroc, signed_ks
-from featstudy.stats import _kernels
+from featstudy.stats import _kernels, class_auroc, signed_ks
 
 
 def sklearn_auroc(x, labels, classes):
@@ -141,7 +140,7 @@ def test_counts_beyond_int32():
     [
         (np.array([[0.0, np.nan], [1.0, 2.0], [2.0, 1.0]]), [0, 1, 0], r"NaN or inf.*\[1\]"),
         (np.array([[0.0, 1.0], [np.inf, 2.0], [2.0, 1.0]], dtype=np.float32), [0, 1, 0], r"NaN or inf.*\[0\]"),
-        (np.array([[2**53], [2**53 + 1], [0]], dtype=np.int64), [0, 1, 0], r"beyond ±2\^53 \(feature column\(s\) \[0\]"),
+        (np.array([[2**53], [2**53 + 1], [0]], dtype=np.int64), [0, 1, 0], r"beyond ±2\^53.*\[0\]"),
         (np.zeros((3, 2)), [0, 1], "length 2 but features has 3 rows"),
         (np.zeros((3, 2)), [1, 1, 1], "at least two classes"),
         (np.zeros(3), [0, 1, 0], "2-D"),
@@ -172,7 +171,7 @@ def test_numba_cache_is_used_in_a_fresh_process():
     )
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)  # warms the cache
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)  # warm cache
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert callable(_kernels.auroc_f32) and callable(_kernels.auroc_f64)

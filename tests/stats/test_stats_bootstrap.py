@@ -4,8 +4,7 @@ independently on its resample, percentile intervals, argument checks."""
 import numpy as np
 import pytest
 
-from featstudy.stats import (bootstrap_thresholds, permuted_labels, signed_ks, signed_ks_random,
-                             thresholds)
+from featstudy.stats import bootstrap_thresholds, permuted_labels, signed_ks, signed_ks_random, thresholds
 
 FIELDS = ("t_plus", "t_minus", "d_avg_t_plus", "d_avg_t_minus")
 

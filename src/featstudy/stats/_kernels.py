@@ -21,6 +21,12 @@ Binned data need no sort: :func:`binned_table` counts each class per bin in a (B
 every bin edge for all classes at once (a loop along classes that vectorises). Its running g and the keys that
 carry the extremum's bin are float64 holding integers below 2^53, hence exact; the caller checks the bound.
 
+The exact kernels share their sorts, inlined: :func:`_sort_f32` (radix sort of the float32 bits, the zero run
+kept out of it) and :func:`_sort_f64` (merge sort) give per sorted position the image ``sidx`` and the run
+[rs, re) of equal values. :func:`exact_f32` / :func:`exact_f64` run the class pass above on them;
+:func:`auroc_f32` / :func:`auroc_f64` sum per class twice the midrank, rs + re + 1, for the AUROC
+(:func:`featstudy.stats.class_auroc`).
+
 Kernels never call ``numba.get_num_threads()``: that silently disables ``cache=True``.
 """
 

@@ -89,9 +89,9 @@ def selectivity_index(features, labels, *, chunk_size: int | None = None,
     use :func:`class_auroc` / :func:`signed_ks`, which depend only on the order of the values.
 
     Ties: ``preferred`` is the smallest label among the classes sharing the highest mean (``classes[0]`` for a
-    feature that never fires). Class means are sums in float64 (images grouped by class, one sequential sum per
-    class) divided by the class size; μ_rest is clipped to at most μ_max, which it cannot exceed but could by
-    one rounding.
+    feature that never fires). Class means are sums accumulated in float64 (images grouped by class, one sum
+    over each class's rows) divided by the class size; μ_rest is clipped to at most μ_max, which it cannot
+    exceed but could by one rounding.
 
     References
     ----------
@@ -111,18 +111,24 @@ def selectivity_index(features, labels, *, chunk_size: int | None = None,
     n, n_features = features.shape
     classes, index, n_in = prepare_labels(labels, n)
     c = classes.size
-    order = np.argsort(index, kind="stable")  # images grouped by class: one gather per chunk, then segment sums
-    starts = np.concatenate([[0], np.cumsum(n_in)[:-1]])
+    order = np.argsort(index, kind="stable")  # images grouped by class
+    members = np.split(order, np.cumsum(n_in)[:-1])
     means = np.empty((n_features, c), dtype=np.float64)
-    dtype = np.dtype(np.float64)
-    for f0, f1, block in _blocks(features, dtype, chunk_size, 1, c, progress, "class means", rows=order):
-        _raise_bad_columns(block, f0, ~np.isfinite(block).all(axis=0))
-        with np.errstate(over="ignore"):  # a sum beyond float64 is refused below, naming the column
-            means[f0:f1] = (np.add.reduceat(block, starts, axis=0) / n_in[:, None]).T
+    dtype = features.dtype if features.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    for f0, f1, block in _blocks(features, dtype, chunk_size, 1, c, progress, "class means"):
+        sums = np.empty((c, f1 - f0), dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # NaN, inf and overflow are named below
+            for k in range(c):  # the class's rows gathered (small, cache-hot), accumulated in float64
+                np.add.reduce(block[members[k]], axis=0, dtype=np.float64, out=sums[k])
+        bad = np.flatnonzero(~np.isfinite(sums).all(axis=0))
+        if bad.size:
+            nonfinite = np.zeros(f1 - f0, dtype=np.bool_)
+            nonfinite[bad] = ~np.isfinite(block[:, bad]).all(axis=0)
+            _raise_bad_columns(block, f0, nonfinite)
+            raise ValueError(f"class means overflow float64 in feature column(s) {(bad + f0)[:5].tolist()}; "
+                             "rescale them")
+        means[f0:f1] = (sums / n_in[:, None]).T
         del block
-    wide = np.flatnonzero(~np.isfinite(means).all(axis=1))
-    if wide.size:
-        raise ValueError(f"class means overflow float64 in feature column(s) {wide[:5].tolist()}; rescale them")
     rows = np.arange(n_features)
     top = np.argmax(means, axis=1)
     mu_max = means[rows, top]
