@@ -40,17 +40,8 @@ def _entry(cfg: DictConfig) -> None:
         return
     out = Path(cfg.paths.output_dir)
     print(f"[featstudy] figures: {out / 'figures'}   tables: {out / 'tables'}")
-    if cfg.tracking.uri is not None:
-        exp_id = None
-        if objects.get("run_id"):
-            try:
-                from mlflow.tracking import MlflowClient
-
-                from featstudy.tracking import normalise_uri
-
-                exp_id = MlflowClient(normalise_uri(str(cfg.tracking.uri))).get_run(objects["run_id"]).info.experiment_id
-            except Exception:  # noqa: BLE001 - the store went away: the command alone
-                exp_id = None
+    if cfg.tracking.uri is not None:  # the run's experiment, as its Tracker knew it (None: the command alone)
+        exp_id = objects.get("experiment_id") if objects.get("run_id") else None
         print(f"[featstudy] browse the runs: {ui_command(str(cfg.tracking.uri), exp_id)}")
 
 

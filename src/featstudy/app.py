@@ -144,7 +144,7 @@ def _open_output_dir(cfg: DictConfig) -> tuple[Path, Any]:
 
 def _resume_lookup(cfg: DictConfig, digest: str, claim: Any) -> tuple[dict, dict] | None:
     """``tracking.resume=true`` with a store: an identical (same config hash) FINISHED run makes this job a skip,
-    said in one line; returns that run's metrics and ``{"cfg", "run_id", "skipped"}`` with the
+    said in one line; returns that run's metrics and ``{"cfg", "run_id", "experiment_id", "skipped"}`` with the
     output folder's claim released. None when the job has to run."""
     if not (cfg.tracking.get("resume") and cfg.tracking.uri is not None):
         return None
@@ -156,7 +156,8 @@ def _resume_lookup(cfg: DictConfig, digest: str, claim: Any) -> tuple[dict, dict
     print(f"[featstudy] tracking.resume: skipped, identical FINISHED run {done.info.run_id} "
           f"({done.data.tags.get('featstudy.output_dir', '')})", file=sys.stderr)
     claim.release()
-    return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id, "skipped": True}
+    return dict(done.data.metrics), {"cfg": cfg, "run_id": done.info.run_id,
+                                     "experiment_id": done.info.experiment_id, "skipped": True}
 
 
 def _job_tags(cfg: DictConfig, output_dir: Path, digest: str) -> dict[str, str]:
@@ -297,7 +298,8 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
     metrics : dict
         Every metric logged.
     objects : dict
-        ``cfg``, ``embedding`` (handle), ``context``, ``results`` (callback name -> CallbackResult), ``run_id``.
+        ``cfg``, ``embedding`` (handle), ``context``, ``results`` (callback name -> CallbackResult), ``run_id`` and
+        ``experiment_id`` (None with tracking off or the store unreachable when the run was to be created).
     """
     from featstudy.analysis import AnalysisContext, instantiate_callbacks
     from featstudy.store import load_embedding
@@ -354,5 +356,5 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
     if tracker.broken is not None:
         log.warning("MLflow uploads failed (%s); every result is in %s", tracker.broken, output_dir)
     objects = {"cfg": cfg, "embedding": handle, "context": ctx, "results": results,
-               "run_id": getattr(tracker, "run_id", None)}
+               "run_id": getattr(tracker, "run_id", None), "experiment_id": getattr(tracker, "experiment_id", None)}
     return metrics, objects

@@ -311,3 +311,16 @@ def test_each_run_logs_its_dataset_as_an_mlflow_input(history):
     assert len(digest) == 16 and int(digest, 16) >= 0
     assert all(json.loads(i[0].dataset.profile) == {"classes": 3, "images": 24, "skipped": 0} for i in inputs)
     assert all({t.key: t.value for t in i[0].tags} == {"mlflow.data.context": "all"} for i in inputs)
+
+
+def test_each_job_prints_the_ui_url_of_its_experiment(history):
+    """The job's last line names its experiment's page (the experiment id comes from the run's tracker, and for a
+    job skipped by tracking.resume from the FINISHED run it names)."""
+    from featstudy.tracking import ui_url
+
+    _, _, steps = history
+    for name in ("sweep", "resume"):
+        (exp_id,) = {r.info.experiment_id for r in steps[name].jobs()}
+        lines = [ln for ln in steps[name].out.splitlines() if ln.startswith("[featstudy] browse the runs: ")]
+        assert len(lines) == 2  # one per job, the skipped one included
+        assert all(ln.endswith(f"then open {ui_url('http://127.0.0.1:5000', exp_id)}") for ln in lines), lines
