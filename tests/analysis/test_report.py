@@ -416,3 +416,22 @@ def test_runs_that_differ_are_refused_unless_allowed_and_tags_pick_the_paper_run
     assert {ln.split()[3] for ln in used[-2:]} == {mixed.runs["cub_paper"].id, mixed.runs["mit_paper"].id}
     rc, _ = run_main(monkeypatch, [*args, "--tag", "weights"])
     assert rc == 2 and "--tag 'weights': expected KEY=VALUE" in error_lines(capsys.readouterr().err)[0]
+
+
+def test_the_cross_dataset_table4_shows_the_bootstrap_intervals_where_a_run_has_them(tmp_path):
+    """Issue 14: a run made with analysis.bootstrap=<n> has four interval columns in its table4.csv; the report's
+    Table 4 carries them for that run and leaves them empty for a run without."""
+    from featstudy.report import build_report
+
+    with_ci = {"dataset": "cub200", "t_plus": "0.15", "t_minus": "-0.12", "t_plus_ci_low": "0.14",
+               "t_plus_ci_high": "0.16", "t_minus_ci_low": "-0.13", "t_minus_ci_high": "-0.11"}
+    without = {"dataset": "mit67", "t_plus": "0.17", "t_minus": "-0.1"}
+    runs = [{"run_id": "r1", "dataset": "cub200"}, {"run_id": "r2", "dataset": "mit67"}]
+    arrays = {r: {"d": np.array([[0.5, -0.25], [0.1, 0.0]]), "layer_of_feature": np.array(["fc7", "fc7"])}
+              for r in ("r1", "r2")}
+    build_report(runs, arrays, {"r1": [with_ci], "r2": [without]}, tmp_path, ["png"], None)
+    header, rows = read_table4(tmp_path)
+    assert header == ["dataset", "t_plus", "t_minus", "t_plus_ci_low", "t_plus_ci_high", "t_minus_ci_low",
+                      "t_minus_ci_high", "run_id"]
+    assert rows[0] == {**with_ci, "run_id": "r1"}
+    assert rows[1]["t_plus_ci_low"] == "" and rows[1]["t_plus"] == "0.17"
