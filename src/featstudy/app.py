@@ -43,52 +43,48 @@ def _log_dataset(tracker, cfg: DictConfig, handle) -> None:
                                  "skipped": int(meta.get("n_skipped", 0))}, context=split or "all")
 
 
-def _refuse_ddp_in_a_sweep(cfg: DictConfig) -> None:
-    """Lightning's subprocess DDP re-launches the command line; under ``-m`` every rank would rerun the sweep.
+def _sweep_job_settings(cfg: DictConfig) -> None:
+    """The settings of one job of a sweep (``-m``), applied to ``cfg`` in place; nothing changes outside a sweep.
 
-    A DDP setting is refused in one line; ``trainer.devices=auto`` (Lightning: every GPU, then DDP) and ``1`` become
-    one device, GPU ``job number % visible GPUs`` where several are visible (joblib jobs share the machine's GPUs;
-    a submitit job sees its own), logged and recorded in the job's params (:func:`distributed.sweep_devices`).
+    * DDP is refused in one line: Lightning's subprocess DDP re-launches the command line, so under ``-m`` every
+      rank would rerun the sweep.
+    * ``trainer.devices=auto`` (Lightning: every GPU, then DDP) and ``1`` become one device, GPU ``job number %
+      visible GPUs`` where several are visible (joblib jobs share the machine's GPUs; a submitit job sees its own),
+      logged and recorded in the job's params (:func:`distributed.sweep_devices`).
+    * Under ``hydra/launcher=joblib``, ``loader.num_workers=auto`` becomes 0: the jobs already share the machine's
+      CPUs, and DataLoader workers inside loky's worker processes are fragile. An explicit number is kept.
     """
     hc = job.hydra_runtime()
     if hc is None or "trainer" not in cfg:
         return
     from hydra.types import RunMode
 
+    if hc.mode != RunMode.MULTIRUN:
+        return
     devices, nodes = cfg.trainer.get("devices", "auto"), cfg.trainer.get("num_nodes", 1)
     many = (isinstance(devices, int) and (devices > 1 or devices == -1)) or nodes != 1 \
         or (not isinstance(devices, (int, str)) and len(devices) > 1) or (isinstance(devices, str) and "," in devices)
-    if hc.mode == RunMode.MULTIRUN and many:
+    if many:
         from featstudy.errors import ConfigError
 
         raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={nodes}: a sweep (-m) cannot run DDP jobs; "
                           "sweep single-device jobs (trainer.devices=1, one per GPU through the launcher), or run "
                           "the multi-GPU extraction as a separate call without -m")
-    if hc.mode == RunMode.MULTIRUN:
-        import torch
+    import torch
+    from omegaconf import open_dict
 
-        from featstudy.extraction.distributed import sweep_devices
+    from featstudy.extraction.distributed import sweep_devices
 
-        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        chosen = sweep_devices(devices, str(cfg.trainer.get("accelerator", "auto")), int(hc.job.num), n_gpus)
-        if chosen != devices:
-            log.info("sweep job %s: trainer.devices=%s -> %s (%d GPU(s) visible)", hc.job.num, devices, chosen, n_gpus)
-            from omegaconf import open_dict
-
-            with open_dict(cfg):
-                cfg.trainer.devices = chosen
-        _joblib_loader_workers(cfg, hc)
-
-
-def _joblib_loader_workers(cfg: DictConfig, hc) -> None:
-    """Under ``hydra/launcher=joblib``, ``loader.num_workers=auto`` becomes 0: the jobs already share the machine's
-    CPUs, and DataLoader workers inside loky's worker processes are fragile. An explicit number is kept."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    chosen = sweep_devices(devices, str(cfg.trainer.get("accelerator", "auto")), int(hc.job.num), n_gpus)
+    if chosen != devices:
+        log.info("sweep job %s: trainer.devices=%s -> %s (%d GPU(s) visible)", hc.job.num, devices, chosen, n_gpus)
+        with open_dict(cfg):
+            cfg.trainer.devices = chosen
     launcher = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
     workers = OmegaConf.select(cfg, "loader.num_workers", default=None)
     if "joblib" in launcher.lower() and isinstance(workers, str) and workers.strip().lower() == "auto":
         log.info("sweep job %s (joblib): loader.num_workers=auto -> 0 (decoding in the job's own process)", hc.job.num)
-        from omegaconf import open_dict
-
         with open_dict(cfg):
             cfg.loader.num_workers = 0
 
@@ -101,10 +97,10 @@ def _prepare_config(cfg: DictConfig) -> None:
     from featstudy.config import restore_launcher_gpus
 
     # hydra/launcher=local: the GPUs the launching command saw, before anything asks CUDA (the first CUDA call
-    # fixes CUDA_VISIBLE_DEVICES for the life of the process; _refuse_ddp_in_a_sweep counts the GPUs)
+    # fixes CUDA_VISIBLE_DEVICES for the life of the process; _sweep_job_settings counts the GPUs)
     restore_launcher_gpus()
     validate(cfg)
-    _refuse_ddp_in_a_sweep(cfg)
+    _sweep_job_settings(cfg)
     resolve_paths(cfg)
     from featstudy.tracking import strip_credentials
 
