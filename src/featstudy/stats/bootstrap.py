@@ -183,8 +183,8 @@ def bootstrap_thresholds(
     Cost: each replicate sorts (or bins) every feature once and runs the class pass for the real and the K
     permuted labels together (one :func:`signed_ks` run with 1 + K label rows), plus a resampled copy of the
     features and :func:`thresholds`: it reruns the KS n_boot times. At cub200 scale (N = 6,000, F = 9,600,
-    C = 200, K = 1) on this project's 2-core machine that is ~0.6 s a replicate with 100 bins (~2 min for
-    n_boot = 200) and ~1.25 s exact (~4 min), 1.7x and 1.3x faster than copying the resample and calling
+    C = 200, K = 1) on this project's shared 2-core machine that is 0.6–1 s a replicate with 100 bins (2–3.5 min
+    for n_boot = 200) and 1–2 s exact (4–7 min), up to 1.7x less than copying the resample and calling
     :func:`signed_ks` and :func:`signed_ks_random` (``bench/beyond_ks.py``, docs/engine.md). That is why the
     app leaves it off by default.
 
