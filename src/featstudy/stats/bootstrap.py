@@ -63,6 +63,8 @@ class BootstrapResult:
         Sorted unique labels.
     n_in : ndarray of int64, shape (C,)
         Images per class (the same in every replicate).
+    label_index : ndarray of int32, shape (N,)
+        Column of each image's class in ``classes``: what :meth:`replicate_indices` regenerates resamples from.
     """
 
     t_plus: np.ndarray
@@ -77,7 +79,7 @@ class BootstrapResult:
     step: float
     classes: np.ndarray
     n_in: np.ndarray
-    label_index: np.ndarray = field(repr=False)  # class index (N,) of each image: regenerates the resamples
+    label_index: np.ndarray = field(repr=False)
 
     def interval(self, name: str, level: float | None = None) -> tuple[float, float]:
         """Percentile interval (low, high) of field ``name`` at ``level`` (default: the result's ``level``).
