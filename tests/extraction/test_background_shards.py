@@ -29,12 +29,6 @@ SCRIPT = Path(__file__).with_name("run_extraction.py")
 SRC = Path(featstudy.__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def light(light_resnet_cfg):
-    """resnet18 (random, seeded) at 32 px, one centre crop (conftest's ``light_resnet_cfg``)."""
-    return light_resnet_cfg
-
-
 def _images(root: Path, n: int) -> Path:
     rng = np.random.default_rng(4)
     for i in range(n):
@@ -43,7 +37,8 @@ def _images(root: Path, n: int) -> Path:
     return root
 
 
-def test_forward_goes_on_while_a_shard_is_written_and_at_most_four_batches_wait(tmp_path, light, monkeypatch):
+def test_forward_goes_on_while_a_shard_is_written_and_at_most_four_batches_wait(tmp_path, light_resnet_cfg,
+                                                                                 monkeypatch):
     """The first shard's rename is held (a slow file system) until the images read stop changing for a second.
     Synchronous writes read nothing meanwhile; the background writer lets the loop go on, but only until four
     batches wait behind the held one: 1 being written + 4 queued + 1 waiting to be queued + 1 fetched ahead by
@@ -70,7 +65,7 @@ def test_forward_goes_on_while_a_shard_is_written_and_at_most_four_batches_wait(
 
     monkeypatch.setattr(Image, "open", counting_open)
     monkeypatch.setattr(os, "replace", slow_replace)
-    h = get_embedding(light(tmp_path / "cache", data, **{"loader.batch_size": 2}))
+    h = get_embedding(light_resnet_cfg(tmp_path / "cache", data, **{"loader.batch_size": 2}))
     monkeypatch.undo()
     assert held["after"] > held["before"], "no image was read while the first shard was being written"
     assert held["after"] <= 7 * 2, f"{held['after']} images read while one shard waited: the queue is not bounded"
@@ -81,17 +76,18 @@ def test_forward_goes_on_while_a_shard_is_written_and_at_most_four_batches_wait(
     from featstudy.extraction.module import ShardWriter
 
     monkeypatch.setattr(ShardWriter, "MAX_PENDING", 0)
-    sync = load_embedding(get_embedding(light(tmp_path / "cache-sync", data, **{"loader.batch_size": 2})).path)
+    cfg = light_resnet_cfg(tmp_path / "cache-sync", data, **{"loader.batch_size": 2})
+    sync = load_embedding(get_embedding(cfg).path)
     assert sync.paths == got.paths
     np.testing.assert_array_equal(sync.features, got.features)
 
 
-def test_full_disk_at_the_last_shard_is_raised_at_the_end_as_one_line(tmp_path, light, monkeypatch):
+def test_full_disk_at_the_last_shard_is_raised_at_the_end_as_one_line(tmp_path, light_resnet_cfg, monkeypatch):
     """The last shard fails after the loop has finished (the error can only surface when the queue is drained):
     the same one-line ``paths.cache_dir`` error, nothing merged, and a rerun resumes from the two whole shards."""
     data = _images(tmp_path / "data", 12)
     cache = tmp_path / "cache"
-    cfg = light(cache, data, **{"loader.batch_size": 4})
+    cfg = light_resnet_cfg(cache, data, **{"loader.batch_size": 4})
     real_replace, seen = os.replace, []
 
     def full_disk(src, dst, *a, **k):
@@ -115,12 +111,12 @@ def test_full_disk_at_the_last_shard_is_raised_at_the_end_as_one_line(tmp_path, 
     assert len(load_embedding(again.path).paths) == 12
 
 
-def test_kill_9_with_shards_queued_leaves_whole_shards_and_the_rerun_finishes(tmp_path, light):
+def test_kill_9_with_shards_queued_leaves_whole_shards_and_the_rerun_finishes(tmp_path, light_resnet_cfg):
     """Each shard's rename takes 0.2 s (``FEATSTUDY_TEST_SHARD_DELAY``), so batches queue up behind the writer; a
     SIGKILL then hits with shards queued or half-written. Every shard on disk loads whole, and a rerun extracts
     exactly the images in no shard and equals an uninterrupted run."""
     data = _images(tmp_path / "data", 30)
-    cfg = light(tmp_path / "cache", data, **{"loader.batch_size": 2})
+    cfg = light_resnet_cfg(tmp_path / "cache", data, **{"loader.batch_size": 2})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     shards = tmp_path / "cache" / "embeddings" / plan(cfg).key / "shards"
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -141,7 +137,7 @@ def test_kill_9_with_shards_queued_leaves_whole_shards_and_the_rerun_finishes(tm
     assert 2 * 2 <= len(done) < 30
     resumed = get_embedding(cfg)
     assert resumed.meta["n_resumed"] == len(done)
-    whole = get_embedding(light(tmp_path / "cache2", data, **{"loader.batch_size": 2}))
+    whole = get_embedding(light_resnet_cfg(tmp_path / "cache2", data, **{"loader.batch_size": 2}))
     a, b = load_embedding(resumed.path), load_embedding(whole.path)
     assert a.paths == b.paths and len(a.paths) == 30
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)

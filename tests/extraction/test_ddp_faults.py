@@ -43,12 +43,6 @@ def _images(root: Path, n: int) -> Path:
     return root
 
 
-@pytest.fixture
-def cfg_for(light_resnet_cfg):
-    """resnet18 (random, seeded) at 32 px, one centre crop (conftest's ``light_resnet_cfg``)."""
-    return light_resnet_cfg
-
-
 def _run(cfg, path: Path, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     OmegaConf.save(cfg, path)
     return subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, env=env,
@@ -65,34 +59,34 @@ DDP2 = {"trainer.accelerator": "cpu", "trainer.strategy": "ddp", "trainer.device
 
 
 @pytest.mark.slow
-def test_resume_with_fewer_images_left_than_ranks_finishes(tmp_path, cfg_for):
+def test_resume_with_fewer_images_left_than_ranks_finishes(tmp_path, light_resnet_cfg):
     """3 images, 2 already in shards (a single-process run killed after its 2nd shard), then ``devices=2``: one
     image for two ranks. Lightning's predict sampler asserts every rank gets one; the rerun must finish, and the
     store equals a single-process extraction, every image once."""
     data = _images(tmp_path / "data", 3)
-    single = cfg_for(tmp_path / "cache", data, **{"loader.batch_size": 1, "trainer.accelerator": "cpu"})
+    single = light_resnet_cfg(tmp_path / "cache", data, **{"loader.batch_size": 1, "trainer.accelerator": "cpu"})
     killed = _run(single, tmp_path / "one.yaml", _clean_env(FEATSTUDY_TEST_DIE_AT="after:shard-:2"))
     assert killed.returncode == 137, killed.stderr[-2000:]
     key_dir = tmp_path / "cache" / "embeddings" / plan(single).key
     assert len(list((key_dir / "shards").glob("shard-*.npz"))) == 2 and not (key_dir / "DONE").exists()
 
-    ddp = _run(cfg_for(tmp_path / "cache", data, **DDP2), tmp_path / "ddp.yaml", _clean_env())
+    ddp = _run(light_resnet_cfg(tmp_path / "cache", data, **DDP2), tmp_path / "ddp.yaml", _clean_env())
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     out = json.loads(ddp.stdout.strip().splitlines()[-1])
     assert out["key"] == key_dir.name and out["n_resumed"] == 2 and not out["hit"]
-    _same_as_one_process(key_dir, cfg_for(tmp_path / "fresh", data, **{"trainer.accelerator": "cpu"}))
+    _same_as_one_process(key_dir, light_resnet_cfg(tmp_path / "fresh", data, **{"trainer.accelerator": "cpu"}))
 
 
 @pytest.mark.slow
-def test_a_dataset_smaller_than_the_world_size_finishes(tmp_path, cfg_for):
+def test_a_dataset_smaller_than_the_world_size_finishes(tmp_path, light_resnet_cfg):
     """One image, two DDP ranks: extracted once (by rank 0 alone), equal to the single-process store."""
     data = _images(tmp_path / "data", 1)
-    cfg = cfg_for(tmp_path / "cache", data, **DDP2)
+    cfg = light_resnet_cfg(tmp_path / "cache", data, **DDP2)
     proc = _run(cfg, tmp_path / "ddp.yaml", _clean_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     key_dir = tmp_path / "cache" / "embeddings" / plan(cfg).key
     assert load_embedding(key_dir).paths == ["c0/000.png"]
-    _same_as_one_process(key_dir, cfg_for(tmp_path / "one", data, **{"trainer.accelerator": "cpu"}))
+    _same_as_one_process(key_dir, light_resnet_cfg(tmp_path / "one", data, **{"trainer.accelerator": "cpu"}))
 
 
 def _free_port() -> int:
@@ -110,15 +104,15 @@ def srun_env(rank: int, n_tasks: int, port: int, job_id: str = "4242", **extra: 
 
 
 @pytest.mark.slow
-def test_srun_helper_ranks_follow_rank_0_when_it_finds_the_key_done_under_the_lock(tmp_path, cfg_for):
+def test_srun_helper_ranks_follow_rank_0_when_it_finds_the_key_done_under_the_lock(tmp_path, light_resnet_cfg):
     """Two srun tasks start while another job holds the embedding's lock (this test holds it) and the embedding is
     not there yet; the other job then finishes it (the finished folder appears) and releases the lock. Rank 0 takes
     the lock and finds DONE; rank 1, which had found no DONE, must not wait in DDP for a rank 0 that never comes:
     both end, both report the cache hit, and no forward pass ran."""
     data = _images(tmp_path / "data", 4)
-    cfg = cfg_for(tmp_path / "cache", data, **{**DDP2, "trainer.ddp_timeout_s": 60})
+    cfg = light_resnet_cfg(tmp_path / "cache", data, **{**DDP2, "trainer.ddp_timeout_s": 60})
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
-    done = Path(get_embedding(cfg_for(tmp_path / "elsewhere", data, **{"trainer.accelerator": "cpu"})).path)
+    done = Path(get_embedding(light_resnet_cfg(tmp_path / "elsewhere", data, **{"trainer.accelerator": "cpu"})).path)
     key_dir = tmp_path / "cache" / "embeddings" / done.name
     key_dir.parent.mkdir(parents=True)
     lock = FileLock(str(key_dir.parent / f"{done.name}.lock"))
