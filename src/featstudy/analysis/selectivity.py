@@ -65,9 +65,10 @@ class SelectivityCallback(AnalysisCallback):
             metrics[f"selectivity_median.{layer}"] = float(np.median(sel.index[in_layer]))
             data[layer] = {"selectivity": sel.index[in_layer], "abs_d": abs_d[in_layer].ravel()}
         path = ctx.path("arrays/selectivity.npz")
-        np.savez(path, auroc=auroc, selectivity=sel.index, preferred=classes[np.asarray(sel.preferred, dtype=int)]
-                 .astype(str), class_means=sel.class_means, feature_names=np.asarray(ctx.feature_names, dtype=str),
-                 classes=classes.astype(str))
+        # ctx.labels are D's column indices: sel.classes is 0..C-1 and the position of a preferred label is its column
+        preferred = classes[np.searchsorted(np.asarray(sel.classes), np.asarray(sel.preferred))].astype(str)
+        np.savez(path, auroc=auroc, selectivity=sel.index, preferred=preferred, class_means=sel.class_means,
+                 feature_names=np.asarray(ctx.feature_names, dtype=str), classes=classes.astype(str))
         files = [path]
         figure = None
         if self.formats:
