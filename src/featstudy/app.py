@@ -284,10 +284,10 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
     """Run one experiment job.
 
     Steps: the resolved config is logged (params with dotted keys, ``config.yaml`` artifact); the embedding comes
-    from the cache or is extracted (tag ``embedding_cache``: ``hit``/``miss``; from ``dataset``, the one the
-    pre-flight built, when given); each callback of
-    ``cfg.analysis.callbacks`` runs in order on the ``analysis.layers`` subset, writes its files under
-    ``paths.output_dir`` and then has its metrics, curves and files logged.
+    from the cache or is extracted (tag ``embedding_cache``: ``hit``/``miss``) from ``dataset``, the one the
+    pre-flight built (built again when None); each callback of ``cfg.analysis.callbacks`` runs in order on the
+    ``analysis.layers`` subset, writes its files under ``paths.output_dir`` and then has its metrics, curves and
+    files logged.
 
     Returns
     -------
