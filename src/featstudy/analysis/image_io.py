@@ -95,6 +95,11 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
     import json
 
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
+    source = ((meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision")
+    if source != "torchvision":  # model=timm: peaks in token maps are not located yet (whole images are shown)
+        log.info("figures: receptive fields are drawn for torchvision models only; %s is a %s model",
+                 meta.get("model"), source)
+        return None
     try:
         from featstudy import models
         from featstudy.transforms import CropSpec, ImageTransform

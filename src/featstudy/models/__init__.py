@@ -234,8 +234,12 @@ def build_network(ms: ModelSpec) -> tuple[nn.Module, str | None]:
 
 
 def build(ms: ModelSpec, pooling: str, crop_size: int) -> tuple[FeatureModel, dict[str, int], str | None]:
-    """Build the :class:`FeatureModel`; returns it, the channels per layer (in order) and the weights' sha256."""
+    """Build the :class:`FeatureModel`; returns it, the channels per layer (in order) and the weights' sha256.
+    Another source (``model=timm``: :class:`featstudy.models.timm_source.TimmModel`) builds itself."""
     from torchvision.models.feature_extraction import create_feature_extractor
+
+    if not isinstance(ms, TorchvisionModel):
+        return ms.build(pooling, crop_size)
 
     net, digest = build_network(ms)
     try:

@@ -47,7 +47,11 @@ def check_crop_size(cfg: Any) -> None:
 
 def _meta_forward(cfg_model: Any) -> Any:
     """A function ``size -> bool``: does the model's graph (up to the nodes read) accept a ``size`` x ``size``
-    image? None when the model or its nodes are not valid (reported elsewhere)."""
+    image? None when the model or its nodes are not valid (reported elsewhere), and for a source other than
+    torchvision (``model=timm`` checks the size with its own probe when it is built)."""
+    target = str(cfg_model.get("_target_") or "featstudy.models.TorchvisionModel")
+    if target.rpartition(".")[2] not in ("TorchvisionModel", "ModelSpec"):
+        return None
     try:
         import torch
         import torchvision.models as tvm

@@ -1,0 +1,265 @@
+"""``model=timm``: equality with an independent hooked forward pass (ViT with register tokens, ConvNeXt, Swin),
+the NHWC rule, one-line errors, strict weights files, the key, the node lister and one CLI run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+timm = pytest.importorskip("timm")
+
+from featstudy import models  # noqa: E402
+from featstudy.errors import ConfigError, DataError  # noqa: E402
+from featstudy.extraction.key import key_of  # noqa: E402
+
+TINY_VIT = {"name": "vit_tiny_patch16_224",
+            "kwargs": {"reg_tokens": 4, "class_token": True, "depth": 2, "embed_dim": 48, "num_heads": 3,
+                       "img_size": 32, "patch_size": 8}}
+# convnext_atto with its MLPs on channels-last tensors (LayerNorm + Linear on (B, H, W, C), as convnext_tiny)
+NHWC_CONVNEXT = {"name": "convnext_atto", "kwargs": {"conv_mlp": False}}
+TINY_SWIN = {"name": "swin_tiny_patch4_window7_224",
+             "kwargs": {"img_size": 32, "window_size": 4, "embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2]}}
+
+
+def _save(net, path):
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """``weights(arch)``: a random timm model (seed 7) saved to a local file, and the network itself."""
+    folder = tmp_path_factory.mktemp("timm")
+    made = {}
+
+    def get(arch, suffix=".safetensors"):
+        key = (arch["name"], json.dumps(arch["kwargs"], sort_keys=True), suffix)
+        if key not in made:
+            torch.manual_seed(7)
+            net = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"]).eval()
+            made[key] = (_save(net, folder / f"{arch['name']}-{len(made)}{suffix}"), net)
+        return made[key]
+
+    return get
+
+
+def _spec(arch, nodes, **kw):
+    node = {"_target_": "featstudy.models.timm_source.TimmModel", "name": arch["name"], "kwargs": arch["kwargs"],
+            "nodes": nodes, "weights": "random", "seed": 0, **kw}
+    return models.spec(OmegaConf.create(node))
+
+
+def _independent(net, nodes, x, pool):
+    """(B, K, 3, S, S) -> (B, F): forward hooks (clone) on the named modules, ``pool(node, output)`` per crop, nodes
+    concatenated in order, mean over crops."""
+    modules = dict(net.named_modules())
+    grabbed = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: grabbed.__setitem__(n, o.detach().clone()))
+             for n in nodes]
+    try:
+        with torch.no_grad():
+            net(x.flatten(0, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    per_crop = {n: pool(n, grabbed[n]) for n in nodes}
+    b, k = x.shape[:2]
+    return {n: v.view(b, k, -1).mean(dim=1) for n, v in per_crop.items()}
+
+
+def _assert_close(model, channels, x, expected):
+    with torch.no_grad():
+        got = model(x)
+    assert got.dtype == torch.float32
+    assert got.shape == (x.shape[0], sum(channels.values()))
+    assert list(channels) == list(expected)
+    start = 0
+    for node, want in expected.items():
+        part = got[:, start:start + channels[node]]
+        start += channels[node]
+        scale = want.abs().max().item() or 1.0
+        assert part.shape == want.shape, node
+        assert (part - want).abs().max().item() <= 1e-5 * scale, node
+
+
+@pytest.mark.parametrize("token_pooling", ["cls", "mean", "mean_patch"])
+def test_vit_with_register_tokens_equals_independent_hooks(token_pooling, weights):
+    path, net = weights(TINY_VIT)
+    assert net.num_prefix_tokens == 5  # one class token and four register tokens
+    nodes = ["blocks.0", "blocks.1.mlp.fc1", "norm", "fc_norm"]
+    ms = _spec(TINY_VIT, nodes, token_pooling=token_pooling, weights=str(path))
+    assert ms.weights.tag.startswith("file:") and ms.preprocessing == "torchvision"
+    model, channels, digest = models.build(ms, "avg", 32)
+    assert digest == ms.weights.sha256 and channels == {"blocks.0": 48, "blocks.1.mlp.fc1": 192, "norm": 48,
+                                                        "fc_norm": 48}
+
+    def pool(node, o):  # written out by hand: tokens 0 = class, 1..4 = registers, 5.. = the 16 patches
+        if o.dim() == 2:
+            return o
+        assert o.shape[1] == 1 + 4 + 16
+        return {"cls": o[:, 0], "mean": o.mean(dim=1), "mean_patch": o[:, 5:].mean(dim=1)}[token_pooling]
+
+    x = torch.randn(2, 3, 3, 32, 32)
+    _assert_close(model, channels, x, _independent(net, nodes, x, pool))
+    assert models.feature_names(channels)[:2] == ["blocks.0:0", "blocks.0:1"]
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_convnext_nchw_and_nhwc_nodes_equal_independent_hooks(pooling, weights):
+    path, net = weights(NHWC_CONVNEXT, ".pth")
+    nchw = ["stem", "stages.0", "stages.1.blocks.0.conv_dw", "stages.3"]
+    nhwc = ["stages.0.blocks.0.norm", "stages.0.blocks.1.mlp.act", "stages.2.blocks.0.mlp"]  # (B, H, W, C)
+    nodes = ["stem", "stages.0.blocks.0.norm", "stages.0", "stages.0.blocks.1.mlp.act",
+             "stages.1.blocks.0.conv_dw", "stages.2.blocks.0.mlp", "stages.3"]
+    ms = _spec(NHWC_CONVNEXT, nodes, weights=str(path), preprocessing="torchvision")
+    model, channels, _ = models.build(ms, pooling, 64)
+    assert {n: model.layout[n] for n in nchw} == dict.fromkeys(nchw, "NCHW")
+    assert {n: model.layout[n] for n in nhwc} == dict.fromkeys(nhwc, "NHWC")
+    assert channels == {"stem": 40, "stages.0.blocks.0.norm": 40, "stages.0": 40, "stages.0.blocks.1.mlp.act": 160,
+                        "stages.1.blocks.0.conv_dw": 80, "stages.2.blocks.0.mlp": 160, "stages.3": 320}
+
+    def pool(node, o):
+        dims = (1, 2) if node in nhwc else (2, 3)
+        return o.mean(dim=dims) if pooling == "avg" else o.amax(dim=dims)
+
+    x = torch.randn(2, 2, 3, 64, 64)
+    _assert_close(model, channels, x, _independent(net, nodes, x, pool))
+
+
+def test_swin_stages_are_nhwc_by_feature_info(weights):
+    path, net = weights(TINY_SWIN)
+    assert net.output_fmt == "NHWC"
+    nodes = ["patch_embed.proj", "layers.0", "layers.1", "norm"]
+    model, channels, _ = models.build(_spec(TINY_SWIN, nodes, weights=str(path)), "avg", 32)
+    assert model.layout == {"patch_embed.proj": "NCHW", "layers.0": "NHWC", "layers.1": "NHWC", "norm": "NHWC"}
+    assert channels == {"patch_embed.proj": 24, "layers.0": 24, "layers.1": 48, "norm": 48}
+    x = torch.randn(2, 1, 3, 32, 32)
+    expected = _independent(net, nodes, x, lambda n, o: o.mean(dim=(2, 3) if n == "patch_embed.proj" else (1, 2)))
+    _assert_close(model, channels, x, expected)
+
+
+def test_ambiguous_channel_axis_is_refused_not_guessed():
+    # at 32 px a 4 x 4 attention map of 1 head: (B*windows, heads, N, N), no parameters, no same-shape neighbour
+    with pytest.raises(ConfigError, match=r"^model.nodes: cannot tell the channel axis of 'layers.0.blocks.0.attn"
+                                          r".softmax'.*python -m featstudy.models.nodes") as err:
+        models.build(_spec(TINY_SWIN, ["layers.0.blocks.0.attn.softmax"]), "avg", 32)
+    assert "\n" not in str(err.value)
+
+
+def test_one_line_errors_name_the_key():
+    cases = [
+        (dict(name="vit_tiny_patch16_22"), r"^model.name: 'vit_tiny_patch16_22' is not a timm model.*vit_tiny_patch16_224"),
+        (dict(nodes=["blocks.0", "blocks.9"]), r"^model.nodes: 'blocks.9' is not a module of vit_tiny_patch16_224; "
+                                               r"list them with: python -m featstudy.models.nodes vit_tiny_patch16_224 "
+                                               r"'reg_tokens=4'"),
+        (dict(nodes=[]), r"^model.nodes: empty"),
+        (dict(nodes=None), r"^model.nodes: required"),
+        (dict(nodes=["norm", "norm"]), r"^model.nodes: duplicate"),
+        (dict(token_pooling="max"), r"^model.token_pooling: 'max' is not one of"),
+        (dict(weights="IMAGENET1K_V1"), r"^model.weights: 'IMAGENET1K_V1'.*random or a local"),
+        (dict(preprocessing="opencv"), r"^model.preprocessing"),
+        (dict(kwargs={"no_such_kwarg": 1}), r"^model.kwargs: timm.create_model\('vit_tiny_patch16_224'.*no_such_kwarg"),
+    ]
+    for over, pattern in cases:
+        arch = {**TINY_VIT, **{k: v for k, v in over.items() if k in ("name", "kwargs")}}
+        kw = {k: v for k, v in over.items() if k not in ("name", "kwargs")}
+        kw.setdefault("nodes", ["norm"])
+        with pytest.raises(ConfigError, match=pattern) as err:
+            _spec(arch, **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match=r"^model.weights: .*nowhere.safetensors: no such file"):
+        _spec(TINY_VIT, ["norm"], weights="/nowhere.safetensors")
+
+
+def test_cls_pooling_without_class_token_and_a_refused_crop_size_are_one_line():
+    arch = {"name": TINY_VIT["name"], "kwargs": {**TINY_VIT["kwargs"], "class_token": False, "global_pool": "avg"}}
+    with pytest.raises(ConfigError, match=r"^model.token_pooling: cls, but .* has no class token"):
+        models.build(_spec(arch, ["blocks.0"]), "avg", 32)
+    with pytest.raises(ConfigError, match=r"^crops.size=48: vit_tiny_patch16_224 refused a 48 px crop.*img_size"):
+        models.build(_spec(TINY_VIT, ["blocks.0"]), "avg", 48)
+
+
+def test_weights_file_is_loaded_strictly(weights, tmp_path):
+    path, net = weights(TINY_VIT)
+    state = net.state_dict()
+    missing = {k: v for k, v in state.items() if k != "reg_token"}
+    with pytest.raises(DataError, match=r"^model.weights: .*missing key 'reg_token'"):
+        models.build(_spec(TINY_VIT, ["norm"], weights=str(_save_dict(missing, tmp_path / "m.pth"))), "avg", 32)
+    extra = {**state, "head.extra": torch.zeros(3)}
+    with pytest.raises(DataError, match=r"^model.weights: .*unexpected key 'head.extra'"):
+        models.build(_spec(TINY_VIT, ["norm"], weights=str(_save_dict(extra, tmp_path / "u.pth"))), "avg", 32)
+    wrong = {**state, "cls_token": torch.zeros(1, 1, 8)}
+    with pytest.raises(DataError, match=r"^model.weights: .*key 'cls_token' has shape"):
+        models.build(_spec(TINY_VIT, ["norm"], weights=str(_save_dict(wrong, tmp_path / "w.pth"))), "avg", 32)
+    # the file's numbers are used: random weights of another seed give other features
+    x = torch.randn(1, 1, 3, 32, 32)
+    loaded, _, _ = models.build(_spec(TINY_VIT, ["norm"], weights=str(path)), "avg", 32)
+    seeded, _, digest = models.build(_spec(TINY_VIT, ["norm"], seed=3), "avg", 32)
+    assert digest is None and not torch.allclose(loaded(x), seeded(x))
+
+
+def _save_dict(state, path):
+    torch.save(state, path)
+    return path
+
+
+def test_key_covers_source_nodes_token_pooling_and_weights(weights):
+    path, _ = weights(TINY_VIT)
+    base = _spec(TINY_VIT, ["norm"])
+    fields = base.key_fields()
+    assert fields["source"] == "timm" and fields["name"] == "vit_tiny_patch16_224" and fields["weights"] == "random"
+    keys = {key_of(base.key_fields(), prefix="t")}
+    for variant in (dict(token_pooling="mean"), dict(token_pooling="mean_patch"), dict(nodes=["blocks.1"]),
+                    dict(weights=str(path)), dict(seed=1), dict(preprocessing="caffe")):
+        kw = {"nodes": ["norm"], **variant}
+        keys.add(key_of(_spec(TINY_VIT, **kw).key_fields(), prefix="t"))
+    keys.add(key_of(_spec({**TINY_VIT, "kwargs": {**TINY_VIT["kwargs"], "depth": 3}}, ["norm"]).key_fields(), prefix="t"))
+    assert len(keys) == 8
+    assert _spec(TINY_VIT, ["norm"], weights=str(path)).key_fields()["sha256"] == \
+        __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+
+
+def test_node_lister_prints_modules_with_shapes(capsys):
+    from featstudy.models import nodes
+
+    assert nodes.main(["convnext_atto", "--size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "stages.0\t[1, 40, 16, 16]" in lines and "stages.3\t[1, 320, 2, 2]" in lines
+    assert nodes.main(["vit_tiny_patch16_224", "img_size=32", "patch_size=8", "depth=1"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0\t[1, 17, 192]" in out and "blocks.1" not in out
+    assert nodes.main(["no_such_model"]) == 2
+
+
+def test_meta_crop_check_leaves_timm_models_alone():
+    from featstudy.models.crop_size import check_crop_size
+
+    cfg = OmegaConf.create({"crops": {"size": 8},
+                            "model": {"_target_": "featstudy.models.timm_source.TimmModel", "name": "resnet18",
+                                      "nodes": ["layer1"]}})
+    assert check_crop_size(cfg) is None
+
+
+def test_cli_run_with_model_timm(tmp_path, image_folder, helpers, monkeypatch):
+    from featstudy.store import load_embedding
+
+    overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.uri=")]
+    rc = helpers.run_cli([*overrides, "model=timm", "model.name=convnext_atto", "model.nodes=[stages.0,stages.3]",
+                          "tracking.uri=null"], monkeypatch)
+    assert rc == 0
+    metas = [p for p in tmp_path.rglob("meta.json") if p.parent.parent.name == "embeddings"]
+    assert len(metas) == 1
+    emb = load_embedding(metas[0].parent)
+    assert emb.features.shape == (24, 40 + 320)
+    assert emb.feature_names[0] == "stages.0:0" and emb.feature_names[-1] == "stages.3:319"
+    meta = json.loads(metas[0].read_text())
+    assert meta["key_fields"]["model"]["source"] == "timm" and meta["weights"] == "random"
