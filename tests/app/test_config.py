@@ -71,7 +71,8 @@ def test_experiment_builds_the_papers_pipeline(name, compose):
     validate(cfg)
     ms = models.spec(cfg.model)
     assert ms.name == "vgg19" and list(ms.nodes.values()) == LAYERS and len(LAYERS) == 17
-    assert [n for n, _ in instantiate_callbacks(cfg.analysis.callbacks)] == ["ks", "thresholds", "figures", "null"]
+    assert [n for n, _ in instantiate_callbacks(cfg.analysis.callbacks)] == ["ks", "thresholds", "figures", "null",
+                                                                             "selectivity", "bootstrap"]
     crops = ImageTransform(crop_spec(cfg.crops), ms.preprocessing)(Image.new("RGB", (300, 260), (90, 30, 200)))
     if name == "demo":
         assert ms.weights.kind == "random" and crops.shape == (10, 3, 32, 32)
@@ -95,18 +96,26 @@ def test_analysis_callbacks_are_built_in_order_with_their_settings(compose):
     from featstudy.analysis.thresholds import ThresholdsCallback
 
     assert options("analysis") == ["default"]
+    from featstudy.analysis.bootstrap import BootstrapCallback
+    from featstudy.analysis.selectivity import SelectivityCallback
+
     cfg = compose(["analysis.threshold_step=0.01", "analysis.callbacks.null.q=0.1",
-                   "analysis.callbacks.figures.top_k=4", "analysis.callbacks.figures.which=[fig9]"])
+                   "analysis.callbacks.figures.top_k=4", "analysis.callbacks.figures.which=[fig9]",
+                   "analysis.bootstrap=7", "analysis.bootstrap_level=0.9", "analysis.callbacks.selectivity.dpi=77"])
     built = instantiate_callbacks(cfg.analysis.callbacks)
     assert [(name, type(cb)) for name, cb in built] == [("ks", KSCallback), ("thresholds", ThresholdsCallback),
-                                                       ("figures", FiguresCallback), ("null", NullCallback)]
+                                                       ("figures", FiguresCallback), ("null", NullCallback),
+                                                       ("selectivity", SelectivityCallback),
+                                                       ("bootstrap", BootstrapCallback)]
     cb = dict(built)
-    assert cb["thresholds"].step == cb["figures"].step == 0.01
+    assert cb["thresholds"].step == cb["figures"].step == cb["bootstrap"].step == 0.01
+    assert (cb["bootstrap"].n_boot, cb["bootstrap"].level, cb["selectivity"].dpi) == (7, 0.9, 77)
     assert cb["null"].q == 0.1 and cb["figures"].top_k == 4 and cb["figures"].which == ["fig9"]
     assert all(c.name == n for n, c in built)
     dropped = instantiate_callbacks(compose(["~analysis.callbacks.figures"]).analysis.callbacks)
     assert [(n, type(c)) for n, c in dropped] == [("ks", KSCallback), ("thresholds", ThresholdsCallback),
-                                                  ("null", NullCallback)]
+                                                  ("null", NullCallback), ("selectivity", SelectivityCallback),
+                                                  ("bootstrap", BootstrapCallback)]
 
 
 @pytest.fixture()
