@@ -263,3 +263,18 @@ def test_cli_run_with_model_timm(tmp_path, image_folder, helpers, monkeypatch):
     assert emb.feature_names[0] == "stages.0:0" and emb.feature_names[-1] == "stages.3:319"
     meta = json.loads(metas[0].read_text())
     assert meta["key_fields"]["model"]["source"] == "timm" and meta["weights"] == "random"
+
+
+def test_safetensors_metadata_sets_preprocessing_and_conf_composes(weights, tmp_path, helpers):
+    from safetensors.torch import save_file
+
+    _, net = weights(TINY_VIT)
+    path = tmp_path / "caffe.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"preprocessing": "caffe"})
+    assert _spec(TINY_VIT, ["norm"], weights=str(path)).preprocessing == "caffe"
+    assert _spec(TINY_VIT, ["norm"], weights=str(path), preprocessing="torchvision").preprocessing == "torchvision"
+    cfg = helpers.compose(["model=timm", "model.name=vit_tiny_patch16_224", "+model.kwargs={img_size:32,depth:1}",
+                           "model.nodes=[blocks.0]", "model.token_pooling=mean"])
+    ms = models.spec(cfg.model)
+    assert (ms.name, ms.kwargs, ms.token_pooling, ms.weights.tag) == ("vit_tiny_patch16_224",
+                                                                     {"img_size": 32, "depth": 1}, "mean", "random")
