@@ -28,6 +28,7 @@ from torch import fx, nn
 from featstudy import pooling as _pooling
 from featstudy.errors import ConfigError
 from featstudy.models import vgg19 as _vgg19
+from featstudy.models.crop_mean import CropMeanFeatures
 from featstudy.models import weights as _weights
 
 NODE_HINT = (
@@ -173,7 +174,7 @@ def pooled_graph(body: fx.GraphModule, pooling: str) -> fx.GraphModule:
     return fx.GraphModule(body, graph, class_name="PooledFeatures")
 
 
-class FeatureModel(nn.Module):
+class FeatureModel(CropMeanFeatures):
     """(B, K, 3, H, W) crops -> (B, F) float32 features: read the nodes, pool each per crop, concatenate, mean over
     crops.
 
@@ -203,14 +204,6 @@ class FeatureModel(nn.Module):
         out = self.pooled(x)
         return {name: out[name] for name in self.layers}
 
-    def per_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, F) float32: pooled features of each crop, layers in table order."""
-        return torch.cat(list(self.pooled_layers(x).values()), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, k = x.shape[:2]
-        f = self.per_crop(x.flatten(0, 1))
-        return f.view(b, k, -1).mean(dim=1)
 
 
 def build_network(ms: ModelSpec) -> tuple[nn.Module, str | None]:

@@ -24,6 +24,7 @@ from torch import nn
 from featstudy import pooling as _pooling
 from featstudy.errors import ConfigError
 from featstudy.models import weights as _weights
+from featstudy.models.crop_mean import CropMeanFeatures
 
 TOKEN_POOLINGS = ("cls", "mean", "mean_patch")
 NODE_HINT = "list them with: python -m featstudy.models.nodes {name}"
@@ -88,7 +89,7 @@ class TimmModel:
                               f"print(timm.list_models('*{name.split('_')[0]}*'))\""
                               + (f"; close: {close}" if close else ""))
         if nodes is None:
-            raise ConfigError(f"model.nodes: required for model=timm; " + NODE_HINT.format(name=name))
+            raise ConfigError("model.nodes: required for model=timm; " + NODE_HINT.format(name=name))
         nodes = [str(n) for n in nodes]
         if not nodes:
             raise ConfigError("model.nodes: empty list; " + NODE_HINT.format(name=name))
@@ -299,7 +300,7 @@ class _Done(Exception):
     """Raised by the last node's hook: the rest of the forward pass is not needed."""
 
 
-class TimmFeatureModel(nn.Module):
+class TimmFeatureModel(CropMeanFeatures):
     """(B, K, 3, H, W) crops -> (B, F) float32 features: each node read with a forward hook and pooled there
     (:func:`pool_node`), nodes concatenated in order, mean over crops. ``body`` is the timm model itself."""
 
@@ -336,11 +337,3 @@ class TimmFeatureModel(nn.Module):
                 h.remove()
         return {name: got[name] for name in self.layers}
 
-    def per_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, F) float32: pooled features of each crop, nodes in order."""
-        return torch.cat(list(self.pooled_layers(x).values()), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, k = x.shape[:2]
-        f = self.per_crop(x.flatten(0, 1))
-        return f.view(b, k, -1).mean(dim=1)
