@@ -306,6 +306,10 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
     callbacks = instantiate_callbacks(cfg.analysis.get("callbacks"))
 
     handle = _get_embedding(cfg, dataset)
+    if dataset is not None:  # the figures open their images through it: the folder is listed once per run
+        from featstudy.analysis import image_io
+
+        image_io.use_dataset(handle.path, dataset)
     tracker.set_tags({
         "weights": handle.weights_tag,
         "dataset": cfg.dataset.name,

@@ -4,8 +4,8 @@ hands it to the extraction, which used to build it a second time.
 Real jobs through :func:`featstudy.app.run` (the demo config on a tiny image folder, resnet18 at random weights,
 tracking off), with the constructor of :class:`featstudy.datasets.ImageFolder` (which lists the folder) wrapped to
 count its calls, whichever way the dataset is built (``datasets.from_config``, ``groups.build``): one on a cache
-miss (the extraction), one on a hit. The figures callback is left out: it reopens the images it draws from the
-embedding's metadata, which is another matter.
+miss (the extraction), one on a hit, figures included (fig2 opens the images it draws through the run's dataset,
+:func:`featstudy.analysis.image_io.use_dataset`, instead of rebuilding it from the embedding's meta.json).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def test_a_run_builds_its_dataset_once_on_a_miss_and_on_a_hit(tmp_path, image_fo
     monkeypatch.setattr(ImageFolder, "__init__", counting)
     common = [*helpers.tiny_overrides(tmp_path, image_folder), "tracking.uri=null", "model=torchvision",
               "model.name=resnet18", "model.weights=random", "model.nodes=[layer1,flatten]", "crops=center",
-              "crops.resize=36", "crops.size=32", "~analysis.callbacks.figures", "~analysis.callbacks.null",
+              "crops.resize=36", "crops.size=32", "analysis.callbacks.figures.which=[fig2]",
+              "analysis.callbacks.figures.formats=[png]", "~analysis.callbacks.null",
               "analysis.permutations=1"]
     for i, cache in enumerate(("miss", "hit")):
         before = len(calls)

@@ -17,10 +17,28 @@ from featstudy.store import Embedding
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=4)
+#: the dataset a run already built, by embedding folder (:func:`use_dataset`; one entry, the latest run's)
+_GIVEN: dict[str, Any] = {}
+
+
+def use_dataset(emb_path: str | Path, dataset: Any) -> None:
+    """Let the figures open images through ``dataset``, the object the run built from ``cfg.dataset`` to extract
+    the embedding at ``emb_path``, instead of building it again from meta.json (a second listing of the folder)."""
+    _GIVEN.clear()
+    _GIVEN[str(emb_path)] = dataset
+
+
 def _dataset(emb_path: str) -> Any | None:
-    """The dataset object that produced the embedding at ``emb_path``, rebuilt from its meta.json description
-    (:func:`featstudy.datasets.rebuild`); None when it cannot be rebuilt."""
+    """The dataset object that produced the embedding at ``emb_path``: the run's own (:func:`use_dataset`), else
+    rebuilt from its meta.json description (:func:`_rebuilt`)."""
+    given = _GIVEN.get(str(emb_path))
+    return given if given is not None else _rebuilt(str(emb_path))
+
+
+@lru_cache(maxsize=4)
+def _rebuilt(emb_path: str) -> Any | None:
+    """The dataset rebuilt from the embedding's meta.json description (:func:`featstudy.datasets.rebuild`); None
+    when it cannot be rebuilt."""
     import json
 
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))

@@ -17,7 +17,7 @@ log = logging.getLogger("featstudy.tracking")  # the name these messages always 
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 SWEEP_FILE = "tracking_sweep.json"
-#: in a sweep folder: one JSON line per job refused before its MLflow run existed (featstudy.app._preflight)
+#: in a sweep folder: one JSON line per job refused before its MLflow run existed (featstudy.preflight.preflight)
 PREFLIGHT_FAILURES = "failed_before_start.jsonl"
 
 
