@@ -231,14 +231,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=180, cwd=REPO)
 
 
-def test_cfg_job_resolve_prints_the_preprocessing_that_runs(weight_files):
-    """`--cfg job` with a Caffe state_dict used to print `preprocessing: torchvision`."""
-    proc = _cli("model=torchvision", "model.name=resnet18", "model.nodes=[layer1]",
-                f"model.weights={weight_files / 'caffe.safetensors'}", "--cfg", "job", "--resolve")
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg", "job", "--resolve"], ["-c", "job"]])
+def test_cfg_job_prints_the_preprocessing_that_runs(weight_files, flags, tmp_path):
+    """`--cfg job` with a Caffe state_dict used to print `preprocessing: torchvision`; it prints the resolved job
+    config, and creates no run folder."""
+    proc = _cli("model=torchvision", "model.name=resnet18", "model.nodes=[layer1]", f"paths.root_dir={tmp_path}",
+                f"model.weights={weight_files / 'caffe.safetensors'}", *flags)
     assert proc.returncode == 0, proc.stderr
-    from omegaconf import OmegaConf
-
-    assert OmegaConf.create(proc.stdout).model.preprocessing == "caffe"
+    assert "  preprocessing: caffe\n" in proc.stdout and "${weights_preprocessing" not in proc.stdout
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_an_unknown_setting_is_one_line_and_exit_2_from_the_cli():

@@ -177,6 +177,19 @@ class _QuietJobErrors:
         return getattr(self._stream, name)
 
 
+def _resolve_printed_job_config(argv: list[str]) -> None:
+    """``--cfg job`` prints the job's config resolved (Hydra's ``--resolve`` added), so what it prints is what runs:
+    ``model.preprocessing`` shows the weights' own (``caffe`` for a Caffe checkpoint), not its interpolation. Only
+    for ``job``: resolving Hydra's own config would create the run folder (``${unique_dir:}``)."""
+    args = argv[1:]
+    for i, arg in enumerate(args):
+        shown = arg.split("=", 1)[1] if arg.startswith("--cfg=") else (args[i + 1] if arg in ("--cfg", "-c")
+                                                                        and i + 1 < len(args) else None)
+        if shown == "job" and "--resolve" not in args:
+            argv.append("--resolve")
+            return
+
+
 def main() -> None:
     """Console entry point (``featstudy`` / ``python -m featstudy``)."""
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -192,6 +205,7 @@ def main() -> None:
     # (bad tracking.uri, task_name...) is reported once, in the one line below
     warnings.filterwarnings("ignore", message=r"Callback SweepCallback\.\w+ raised (ConfigError|DataError)",
                             category=UserWarning)
+    _resolve_printed_job_config(sys.argv)
     try:
         _entry()
     except KeyboardInterrupt:
