@@ -172,7 +172,7 @@ def register_resolvers() -> None:
 
 def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
     """``${weights_preprocessing:${.weights},${.name}}``: ``model.preprocessing``'s default, what the weights were
-    trained on (:func:`featstudy.models.weights.preprocessing_of`), so ``--cfg job --resolve`` prints what runs."""
+    trained on (:func:`featstudy.models.weights.preprocessing_of`), so ``--cfg job`` prints what runs."""
     from featstudy.models.weights import _preprocessing_resolver
 
     return _preprocessing_resolver(weights, model_name)

@@ -5,8 +5,8 @@ group          ``_target_``                                     what it validate
 =============  ===============================================  ===============================================
 ``dataset``    :class:`featstudy.datasets.CUB200` (one class     split, root, download, max_pixels;
                per dataset, torchvision style)                   ``key_fields()``: name, split, content fingerprint
-``model``      :class:`featstudy.models.TorchvisionModel`        name, nodes, weights, preprocessing;
-                                                                 ``key_fields()``: those, with the weights' hash
+``model``      :class:`featstudy.models.TorchvisionModel`,       name, nodes, weights, preprocessing;
+               :class:`featstudy.models.timm_source.TimmModel`   ``key_fields()``: those, with the weights' hash
 ``crops``      :class:`featstudy.transforms.CropSpec`            name, resize, size (size <= resize)
 ``pooling``    :class:`featstudy.pooling.Pooling`                name (avg | max)
 =============  ===============================================  ===============================================

@@ -202,7 +202,7 @@ def _torchvision_prefixes(model_name: str) -> list[str]:
 
 def _preprocessing_resolver(weights, model_name="vgg19") -> str:
     """``${weights_preprocessing:${.weights},${.name}}``: the default of ``model.preprocessing``, so that
-    ``--cfg job --resolve`` shows what runs."""
+    ``--cfg job`` shows what runs."""
     return preprocessing_of(resolve(str(model_name), weights, 0), str(model_name))
 
 
