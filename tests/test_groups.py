@@ -248,3 +248,21 @@ def test_an_unknown_setting_is_one_line_and_exit_2_from_the_cli():
     lines = [ln for ln in proc.stderr.splitlines() if "dataset.n_classes" in ln]
     assert lines and "not a setting of featstudy.datasets.CUB200" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_dataset_key_fields_name_what_changes_the_images(tmp_path):
+    """max_pixels enters the key only when set (PIL's default keeps older keys); ImageNetVal's class subset
+    (n_classes, class_seed) enters it; the fingerprint is the content's."""
+    from PIL import Image
+
+    from featstudy.datasets import ImageFolder, ImageNetVal
+
+    for wnid in ("n01", "n02", "n03"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (4, 4), (len(wnid), 0, 0)).save(tmp_path / "val" / wnid / "ILSVRC2012_val_1.JPEG")
+    plain = ImageFolder(tmp_path / "val").key_fields()
+    assert set(plain) == {"name", "split", "fingerprint"} and (plain["name"], plain["split"]) == ("imagefolder", "all")
+    assert ImageFolder(tmp_path / "val", max_pixels=1000).key_fields()["max_pixels"] == 1000
+    subset = ImageNetVal(tmp_path, n_classes=2, class_seed=5).key_fields()
+    assert (subset["n_classes"], subset["class_seed"], subset["name"], subset["split"]) == (2, 5, "imagenet_val", "val")
+    assert ImageNetVal(tmp_path, n_classes=2, class_seed=6).key_fields()["class_seed"] == 6
