@@ -336,7 +336,8 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
                         "two classes or more: fix or remove those images")
     tracker.log_metrics(metrics)
 
-    ctx = AnalysisContext(embedding, cfg.analysis, output_dir, str(cfg.dataset.name), cfg=cfg, handle=handle)
+    ctx = AnalysisContext(embedding, cfg.analysis, output_dir, str(cfg.dataset.name), cfg=cfg, handle=handle,
+                          run_id=getattr(tracker, "run_id", None))  # the atlas page links its images by it
     results = {}
     for name, callback in callbacks:
         t0 = time.perf_counter()

@@ -72,7 +72,7 @@ def test_experiment_builds_the_papers_pipeline(name, compose):
     ms = models.spec(cfg.model)
     assert ms.name == "vgg19" and list(ms.nodes.values()) == LAYERS and len(LAYERS) == 17
     assert [n for n, _ in instantiate_callbacks(cfg.analysis.callbacks)] == ["ks", "thresholds", "figures", "null",
-                                                                             "selectivity", "bootstrap"]
+                                                                             "selectivity", "bootstrap", "atlas"]
     crops = ImageTransform(crop_spec(cfg.crops), ms.preprocessing)(Image.new("RGB", (300, 260), (90, 30, 200)))
     if name == "demo":
         assert ms.weights.kind == "random" and crops.shape == (10, 3, 32, 32)
@@ -96,26 +96,29 @@ def test_analysis_callbacks_are_built_in_order_with_their_settings(compose):
     from featstudy.analysis.thresholds import ThresholdsCallback
 
     assert options("analysis") == ["default"]
+    from featstudy.analysis.atlas import AtlasCallback
     from featstudy.analysis.bootstrap import BootstrapCallback
     from featstudy.analysis.selectivity import SelectivityCallback
 
     cfg = compose(["analysis.threshold_step=0.01", "analysis.callbacks.null.q=0.1",
                    "analysis.callbacks.figures.top_k=4", "analysis.callbacks.figures.which=[fig9]",
-                   "analysis.bootstrap=7", "analysis.bootstrap_level=0.9", "analysis.callbacks.selectivity.dpi=77"])
+                   "analysis.bootstrap=7", "analysis.bootstrap_level=0.9", "analysis.callbacks.selectivity.dpi=77",
+                   "analysis.callbacks.atlas.top_k=5", "analysis.callbacks.atlas.crop_px=64"])
     built = instantiate_callbacks(cfg.analysis.callbacks)
     assert [(name, type(cb)) for name, cb in built] == [("ks", KSCallback), ("thresholds", ThresholdsCallback),
                                                        ("figures", FiguresCallback), ("null", NullCallback),
                                                        ("selectivity", SelectivityCallback),
-                                                       ("bootstrap", BootstrapCallback)]
+                                                       ("bootstrap", BootstrapCallback), ("atlas", AtlasCallback)]
     cb = dict(built)
-    assert cb["thresholds"].step == cb["figures"].step == cb["bootstrap"].step == 0.01
+    assert cb["thresholds"].step == cb["figures"].step == cb["bootstrap"].step == cb["atlas"].step == 0.01
+    assert (cb["atlas"].top_k, cb["atlas"].crop_px, cb["atlas"].crops_per_feature) == (5, 64, 4)
     assert (cb["bootstrap"].n_boot, cb["bootstrap"].level, cb["selectivity"].dpi) == (7, 0.9, 77)
     assert cb["null"].q == 0.1 and cb["figures"].top_k == 4 and cb["figures"].which == ["fig9"]
     assert all(c.name == n for n, c in built)
     dropped = instantiate_callbacks(compose(["~analysis.callbacks.figures"]).analysis.callbacks)
     assert [(n, type(c)) for n, c in dropped] == [("ks", KSCallback), ("thresholds", ThresholdsCallback),
                                                   ("null", NullCallback), ("selectivity", SelectivityCallback),
-                                                  ("bootstrap", BootstrapCallback)]
+                                                  ("bootstrap", BootstrapCallback), ("atlas", AtlasCallback)]
 
 
 @pytest.fixture()
@@ -281,6 +284,9 @@ def test_flatten_gives_dotted_keys(compose):
     ("analysis.callbacks.figures.formats=[gif]", "analysis.callbacks.figures.formats"),
     ("analysis.callbacks.figures.which=[fig4]", "analysis.callbacks.figures.which"),
     ("analysis.callbacks.null.q=2", "analysis.callbacks.null.q"),
+    ("analysis.callbacks.atlas.top_k=0", "analysis.callbacks.atlas.top_k"),
+    ("analysis.callbacks.atlas.jpeg_quality=101", "analysis.callbacks.atlas.jpeg_quality"),
+    ("+analysis.callbacks.atlas.colour=red", "analysis.callbacks.atlas.colour"),
     ("analysis.callbacks.ks._target_=featstudy.nope.Nope", "analysis.callbacks.ks"),
     ("analysis.callbacks.ks._target_=featstudy.store.Embedding", "analysis.callbacks.ks"),
 ])
