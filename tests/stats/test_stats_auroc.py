@@ -109,9 +109,9 @@ def test_memmap_chunks_layouts_and_progress_give_identical_results(tmp_path, rel
     ref = class_auroc(x, labels)
     np.save(tmp_path / "f.npy", x)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    from featstudy.stats import ks
+    from featstudy.stats import _input
 
-    monkeypatch.setattr(ks, "SLAB_ROWS", 37)  # several row slabs per chunk
+    monkeypatch.setattr(_input, "SLAB_ROWS", 37)  # several row slabs per chunk
     for v in (
         class_auroc(mm, labels, chunk_size=7),
         class_auroc(mm, labels),

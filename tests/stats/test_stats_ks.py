@@ -287,9 +287,9 @@ def test_memmap_chunking_and_dtypes_give_identical_results(tmp_path, relu_data, 
     ref = signed_ks(x, labels, bins=bins)
     np.save(tmp_path / "f.npy", x)
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    from featstudy.stats import ks
+    from featstudy.stats import _input
 
-    monkeypatch.setattr(ks, "SLAB_ROWS", 37)  # several row slabs per chunk
+    monkeypatch.setattr(_input, "SLAB_ROWS", 37)  # several row slabs per chunk
     variants = [
         signed_ks(mm, labels, bins=bins),
         signed_ks(mm, labels, bins=bins, chunk_size=7),

@@ -110,9 +110,9 @@ def test_memmap_chunks_and_int_inputs_give_identical_results(tmp_path, unbalance
     ref = selectivity_index(x, labels)
     np.save(tmp_path / "f.npy", x.astype(np.float32))
     mm = np.load(tmp_path / "f.npy", mmap_mode="r")
-    from featstudy.stats import ks
+    from featstudy.stats import _input
 
-    monkeypatch.setattr(ks, "SLAB_ROWS", 13)
+    monkeypatch.setattr(_input, "SLAB_ROWS", 13)
     in_memory = selectivity_index(x.astype(np.float32), labels)
     for v in (selectivity_index(mm, labels, chunk_size=4), selectivity_index(mm, labels, progress=True)):
         np.testing.assert_array_equal(v.class_means, in_memory.class_means)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featstudy.stats import _kernels
-from featstudy.stats.ks import _as_features, _blocks, _kernel_dtype, _raise_bad_columns, prepare_labels
+from featstudy.stats._input import _as_features, _blocks, _kernel_dtype, _raise_bad_columns, prepare_labels
 
 __all__ = ["AUROCResult", "class_auroc"]
 

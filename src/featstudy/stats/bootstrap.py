@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featstudy.stats import _kernels
-from featstudy.stats.ks import _as_features, _run, permuted_index, prepare_labels
+from featstudy.stats._input import _as_features, permuted_index, prepare_labels
+from featstudy.stats.ks import _run
 from featstudy.stats.thresholds import threshold_grid, thresholds
 
 __all__ = ["BootstrapResult", "bootstrap_thresholds"]

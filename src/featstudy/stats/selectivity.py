@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featstudy.stats.ks import _as_features, _blocks, _raise_bad_columns, prepare_labels
+from featstudy.stats._input import _as_features, _blocks, _raise_bad_columns, prepare_labels
 
 __all__ = ["SelectivityResult", "selectivity_index"]
 
