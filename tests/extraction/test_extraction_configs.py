@@ -55,7 +55,7 @@ POOLING = {"avg": lambda a: a.mean(dim=(2, 3)), "max": lambda a: a.amax(dim=(2, 
 
 def test_each_group_has_an_expectation_for_every_option():
     assert options("crops") == sorted(CROPS) and options("pooling") == sorted(POOLING)
-    assert options("dataset") == sorted(DATASETS) and options("model") == ["torchvision", "vgg19"]
+    assert options("dataset") == sorted(DATASETS) and options("model") == ["open_clip", "timm", "torchvision", "vgg19"]
     assert options("loader") == ["default"] and options("trainer") == ["default"]
 
 
