@@ -224,6 +224,33 @@ def test_the_preprocessing_enters_the_key(weight_files, helpers, tmp_path):
     assert key(weight_files / "caffe.safetensors", "model.preprocessing=torchvision") == "torchvision"
 
 
+
+def test_a_mean_std_pair_is_a_preprocessing_with_its_own_key(weight_files, helpers, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from featstudy.extraction import plan
+
+    pair = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    assert _model("random", preprocessing=pair).preprocessing == pair
+    # ImageNet's pair is ``torchvision``: the same numbers, the same key
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert _model("random", preprocessing=imagenet).preprocessing == "torchvision"
+    state = {k: v.contiguous() for k, v in _resnet18_state().items()}
+    save_file(state, tmp_path / "pair.safetensors", metadata={"preprocessing": json.dumps(pair)})
+    assert _model(tmp_path / "pair.safetensors").preprocessing == pair
+
+    def fields(*more):
+        return plan(helpers.compose(["experiment=demo", "model=torchvision", "model.name=resnet18",
+                                     "model.nodes=[layer1]", "model.weights=random",
+                                     f"paths.cache_dir={tmp_path}", *more]))
+
+    default, mine = fields(), fields("model.preprocessing={mean:[0.5,0.5,0.5],std:[0.25,0.25,0.25]}")
+    assert default.key_fields["model"]["preprocessing"] == "torchvision"
+    assert mine.key_fields["model"]["preprocessing"] == pair and mine.key != default.key
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])

@@ -168,6 +168,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("visible_gpu_count", _visible_gpu_count, use_cache=True)
     if not OmegaConf.has_resolver("weights_preprocessing"):
         OmegaConf.register_new_resolver("weights_preprocessing", _weights_preprocessing)
+    if not OmegaConf.has_resolver("timm_preprocessing"):
+        OmegaConf.register_new_resolver("timm_preprocessing", _timm_preprocessing)
 
 
 def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
@@ -176,6 +178,15 @@ def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
     from featstudy.models.weights import _preprocessing_resolver
 
     return _preprocessing_resolver(weights, model_name)
+
+
+def _timm_preprocessing(model_name: Any, weights: Any = "random") -> Any:
+    """``${timm_preprocessing:${.name},${.weights}}``: ``model.preprocessing``'s default for model=timm, the mean/std
+    of the model's pretrained configuration (``torchvision`` when ImageNet's, else ``{mean: [...], std: [...]}``)
+    or a safetensors file's recorded preprocessing (:func:`featstudy.models.weights.timm_preprocessing_of`)."""
+    from featstudy.models.weights import _timm_preprocessing_resolver
+
+    return _timm_preprocessing_resolver(model_name, weights)
 
 
 register_resolvers()

@@ -13,6 +13,9 @@ Normalisation follows the weights' source (``model.preprocessing``):
 
 * ``torchvision``: RGB in [0, 1], minus ImageNet mean, divided by ImageNet std.
 * ``caffe``: BGR in [0, 255], minus the Caffe VGG mean pixel (B, G, R) = (103.939, 116.779, 123.68).
+* a mean/std pair ``{mean: [r, g, b], std: [r, g, b]}``: RGB in [0, 1], minus ``mean``, divided by ``std`` (the
+  arithmetic of ``torchvision.transforms.Normalize``); a pair equal to ImageNet's is ``torchvision`` (same numbers,
+  same key). ``model=timm`` takes its pair from the model's pretrained configuration (``timm``).
 
 The work is split where it is cheapest to move: the loader (CPU workers) decodes, resizes and cuts **uint8** crops
 (:func:`uint8_crops`: six for ``ten``, the mirrors are made later), and :class:`DeviceTransform` runs where the model
@@ -139,10 +142,50 @@ def crop_spec(cfg) -> CropSpec:
     return build(cfg, "crops")
 
 
-def check_preprocessing(name: str) -> str:
-    if name not in PREPROCESSING:
-        raise ConfigError(f"model.preprocessing: {name!r} is not one of {list(PREPROCESSING)}")
-    return name
+def check_preprocessing(value) -> str | dict:
+    """``model.preprocessing`` in its canonical form: ``torchvision``, ``caffe`` or ``{"mean": [3 floats], "std":
+    [3 floats]}`` (a mapping, or its JSON text as safetensors metadata holds it). A pair equal to ImageNet's mean and
+    std becomes ``torchvision``: the same numbers and the same cache key.
+
+    Raises
+    ------
+    ConfigError
+        An unknown name, a mapping without exactly ``mean`` and ``std``, not three numbers each, a std <= 0.
+    """
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"model.preprocessing: {value!r} is not valid JSON ({exc})") from None
+    if isinstance(value, str):
+        if value not in PREPROCESSING:
+            raise ConfigError(f"model.preprocessing: {value!r} is not one of {list(PREPROCESSING)} or a mean/std pair "
+                              "{mean: [r, g, b], std: [r, g, b]}" + ("; timm is for model=timm" if value == "timm"
+                                                                      else ""))
+        return value
+    from collections.abc import Mapping
+
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"model.preprocessing: {value!r} is not one of {list(PREPROCESSING)} or a mean/std pair")
+    pair = {str(k): v for k, v in value.items()}
+    if set(pair) != {"mean", "std"}:
+        raise ConfigError(f"model.preprocessing: a mean/std pair takes exactly the keys mean and std, got {sorted(pair)}")
+    out = {}
+    for k in ("mean", "std"):
+        try:
+            numbers = [float(v) for v in pair[k]]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) != 3 or not all(np.isfinite(numbers)):
+            raise ConfigError(f"model.preprocessing.{k}: three finite numbers (R, G, B), got {pair[k]!r}")
+        out[k] = numbers
+    if min(out["std"]) <= 0:
+        raise ConfigError(f"model.preprocessing.std: must be > 0, got {out['std']}")
+    if tuple(out["mean"]) == IMAGENET_MEAN and tuple(out["std"]) == IMAGENET_STD:
+        return "torchvision"
+    return out
 
 
 def ship_crops(crops: CropSpec) -> int:
@@ -181,11 +224,12 @@ def uint8_crops(img: Image.Image, crops: CropSpec) -> torch.Tensor:
     return x.unsqueeze(0).contiguous()
 
 
-def normalize(x: torch.Tensor, preprocessing: str) -> torch.Tensor:
+def normalize(x: torch.Tensor, preprocessing: str | dict) -> torch.Tensor:
     """(..., 3, H, W) RGB in [0, 1] (``to_tensor``'s ``uint8 / 255`` in float32) -> the weights' input space."""
-    if preprocessing == "torchvision":
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    if isinstance(preprocessing, dict) or preprocessing == "torchvision":
+        pair = preprocessing if isinstance(preprocessing, dict) else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        mean = torch.tensor(pair["mean"]).view(3, 1, 1)
+        std = torch.tensor(pair["std"]).view(3, 1, 1)
         return (x - mean) / std
     return x.flip(-3) * 255.0 - torch.tensor(CAFFE_MEAN_BGR).view(3, 1, 1)  # RGB -> BGR, 0-255, minus the mean pixel
 
@@ -201,10 +245,10 @@ class DeviceTransform(torch.nn.Module):
     inputs (already normalised crops) pass through unchanged.
     """
 
-    def __init__(self, crops: CropSpec, preprocessing: str = "torchvision"):
+    def __init__(self, crops: CropSpec, preprocessing: str | dict = "torchvision"):
         super().__init__()
         self.crops = crops
-        self.preprocessing = check_preprocessing(preprocessing)
+        self.preprocessing = preprocessing = check_preprocessing(preprocessing)
         self.bgr = preprocessing == "caffe"
         byte = torch.arange(256, dtype=torch.uint8).to(torch.get_default_dtype()).div(255)  # to_tensor's arithmetic
         table = normalize(byte.view(1, 1, 256).expand(3, 1, 256).contiguous(), preprocessing)[:, 0, :]
@@ -226,7 +270,7 @@ class ImageTransform:
     """PIL RGB image -> float32 tensor (n_crops, 3, size, size), normalised for the weights' source: the loader's
     :func:`uint8_crops` followed by :class:`DeviceTransform`, on the CPU (the same code as an extraction)."""
 
-    def __init__(self, crops: CropSpec, preprocessing: str = "torchvision"):
+    def __init__(self, crops: CropSpec, preprocessing: str | dict = "torchvision"):
         self.crops = crops
         self.preprocessing = check_preprocessing(preprocessing)
         self.device_transform = DeviceTransform(crops, preprocessing)

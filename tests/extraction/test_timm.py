@@ -97,7 +97,8 @@ def test_vit_with_register_tokens_equals_independent_hooks(token_pooling, weight
     assert net.num_prefix_tokens == 5  # one class token and four register tokens
     nodes = ["blocks.0", "blocks.1.mlp.fc1", "norm", "fc_norm"]
     ms = _spec(TINY_VIT, nodes, token_pooling=token_pooling, weights=str(path))
-    assert ms.weights.tag.startswith("file:") and ms.preprocessing == "torchvision"
+    # the default tag (augreg_in21k_ft_in1k) was trained on images normalised with mean = std = 0.5
+    assert ms.weights.tag.startswith("file:") and ms.preprocessing == {"mean": [0.5] * 3, "std": [0.5] * 3}
     model, channels, digest = models.build(ms, "avg", 32)
     assert digest == ms.weights.sha256 and channels == {"blocks.0": 48, "blocks.1.mlp.fc1": 192, "norm": 48,
                                                         "fc_norm": 48}
@@ -278,3 +279,213 @@ def test_safetensors_metadata_sets_preprocessing_and_conf_composes(weights, tmp_
     ms = models.spec(cfg.model)
     assert (ms.name, ms.kwargs, ms.token_pooling, ms.weights.tag) == ("vit_tiny_patch16_224",
                                                                      {"img_size": 32, "depth": 1}, "mean", "random")
+
+
+# --- issue 13: timm pretrained tags from the local Hugging Face cache; preprocessing from the pretrained cfg -------
+
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import _create_vision_transformer
+
+CLIP_MEAN = (0.4815, 0.4578, 0.4082)
+CLIP_STD = (0.2686, 0.2613, 0.2758)
+TINY_CLIP = "featstudy_tiny_clip_vit"
+CLIP_REPO = "featstudy-test/tiny-clip-vit"
+IN1K_REPO = "featstudy-test/tiny-vit-in1k"
+
+# read by timm's register_model from this module: two pretrained tags of a tiny registered ViT, the first the default
+default_cfgs = generate_default_cfgs({
+    f"{TINY_CLIP}.fake_clip": {"hf_hub_id": CLIP_REPO, "mean": CLIP_MEAN, "std": CLIP_STD, "num_classes": 0,
+                               "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic"},
+    f"{TINY_CLIP}.fake_in1k": {"hf_hub_id": IN1K_REPO, "num_classes": 10, "input_size": (3, 32, 32)},
+})
+
+
+@register_model
+def featstudy_tiny_clip_vit(pretrained=False, **kwargs):
+    args = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 32}
+    return _create_vision_transformer(TINY_CLIP, pretrained=pretrained, **{**args, **kwargs})
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty Hugging Face home, offline: ``$HF_HOME/hub`` is the cache featstudy looks in."""
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _put_in_hf_cache(home, repo, state, filename="model.safetensors", commit="0123456789abcdef" * 2 + "01234567"):
+    """huggingface_hub's cache layout: models--<org>--<name>/{refs/main, snapshots/<commit>/<file>}."""
+    from safetensors.torch import save_file
+
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / filename))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    return snapshot / filename
+
+
+def _tiny_clip(tag="fake_clip", seed=3):
+    torch.manual_seed(seed)
+    return timm.create_model(f"{TINY_CLIP}.{tag}", pretrained=False).eval()
+
+
+def test_pretrained_tag_is_read_from_the_local_hf_cache(hf_home):
+    import hashlib
+
+    net = _tiny_clip()
+    path = _put_in_hf_cache(hf_home, CLIP_REPO, net.state_dict())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    arch = {"name": TINY_CLIP, "kwargs": {}}
+    for name, weights in ((TINY_CLIP, "pretrained"), (TINY_CLIP, "fake_clip"), (TINY_CLIP, "timm:fake_clip"),
+                          (f"{TINY_CLIP}.fake_clip", "pretrained")):
+        ms = _spec({**arch, "name": name}, ["norm"], weights=weights)
+        assert ms.weights.tag == "timm:fake_clip" and ms.weights.path == path and ms.weights.url == CLIP_REPO
+        assert {k: ms.key_fields()[k] for k in ("weights", "sha256")} == {"weights": "timm:fake_clip", "sha256": digest}
+    model, channels, got = models.build(ms, "avg", 32)
+    assert got == digest
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path))
+    body = model.body.state_dict()
+    assert set(body) == set(stored) and all(torch.equal(body[k], stored[k]) for k in stored)
+    x = torch.randn(2, 2, 3, 32, 32)
+    _assert_close(model, channels, x, _independent(net, ["norm"], x, lambda n, o: o[:, 0]))
+    # another tag is another key; random weights of the same model are yet another
+    keys = {key_of(ms.key_fields(), prefix="t"), key_of(_spec(arch, ["norm"]).key_fields(), prefix="t")}
+    assert len(keys) == 2
+
+
+def test_pretrained_tag_missing_from_the_cache_is_one_line_and_never_downloaded(hf_home, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or 1 / 0)
+    arch = {"name": TINY_CLIP, "kwargs": {}}
+    with pytest.raises(DataError) as err:
+        _spec(arch, ["norm"], weights="fake_in1k")
+    msg = str(err.value)
+    assert "\n" not in msg and not calls
+    assert msg.startswith(f"model.weights: timm:fake_in1k ({TINY_CLIP}.fake_in1k) needs model.safetensors of the "
+                          f"Hugging Face repo {IN1K_REPO} in the local cache, not found at "
+                          f"{hf_home / 'hub' / 'models--featstudy-test--tiny-vit-in1k'}/snapshots/<commit>/")
+    assert "model.download=true" in msg and "HF_HOME" in msg
+    with pytest.raises(ConfigError, match=r"^model.weights: 'nosuchtag' is not a pretrained tag of "
+                                          r"featstudy_tiny_clip_vit \(tags: \['fake_clip', 'fake_in1k'\]\)"):
+        _spec(arch, ["norm"], weights="nosuchtag")
+    with pytest.raises(ConfigError, match=r"^model.weights: 'fake_in1k' contradicts the tag 'fake_clip'"):
+        _spec({**arch, "name": f"{TINY_CLIP}.fake_clip"}, ["norm"], weights="fake_in1k")
+
+
+def test_download_true_fetches_into_the_hf_cache(hf_home, monkeypatch):
+    import huggingface_hub
+
+    net = _tiny_clip("fake_in1k", seed=5)
+    calls = []
+
+    def fake_download(repo, filename, revision=None, cache_dir=None):
+        calls.append((repo, filename, cache_dir))
+        return str(_put_in_hf_cache(hf_home, repo, net.state_dict(), filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    ms = _spec({"name": TINY_CLIP, "kwargs": {}}, ["head"], weights="fake_in1k", download=True)
+    assert calls == [(IN1K_REPO, "model.safetensors", str(hf_home / "hub"))]
+    assert ms.weights.tag == "timm:fake_in1k" and ms.preprocessing == "torchvision"  # ImageNet's mean/std
+    model, channels, _ = models.build(ms, "avg", 32)
+    assert channels == {"head": 10}
+    x = torch.randn(1, 1, 3, 32, 32)
+    _assert_close(model, channels, x, _independent(net, ["head"], x, lambda n, o: o))
+    # now cached: found offline without another download
+    assert _spec({"name": TINY_CLIP, "kwargs": {}}, ["head"], weights="fake_in1k").weights == ms.weights
+    assert len(calls) == 1
+
+
+def test_preprocessing_from_the_pretrained_cfg_equals_torchvision_normalize(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from featstudy.transforms import CropSpec, ImageTransform
+
+    arch = {"name": TINY_CLIP, "kwargs": {}}
+    ms = _spec(arch, ["norm", "blocks.0"])
+    assert ms.preprocessing == {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    assert _spec(arch, ["norm"], preprocessing="timm").preprocessing == ms.preprocessing
+    data = ms.data_config()
+    assert (data["input_size"], data["crop_pct"], data["interpolation"]) == ((3, 32, 32), 1.0, "bicubic")
+    model, channels, _ = models.build(ms, "avg", 32)
+    crops = CropSpec("center", 36, 32)
+    ours = ImageTransform(crops, ms.preprocessing)
+    theirs = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BILINEAR, antialias=True), T.CenterCrop(32),
+                        T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    x = torch.stack([ours(img) for img in images])
+    want = torch.stack([theirs(img) for img in images]).unsqueeze(1)
+    assert torch.equal(x, want)  # bit for bit
+    torch.manual_seed(0)
+    net = timm.create_model(TINY_CLIP, pretrained=False).eval()
+    _assert_close(model, channels, x, _independent(net, ["norm", "blocks.0"], want, lambda n, o: o[:, 0]))
+    # the numbers enter the key: ImageNet's (torchvision) and CLIP's give different keys
+    imagenet = _spec(arch, ["norm", "blocks.0"], preprocessing="torchvision")
+    assert key_of(ms.key_fields(), prefix="t") != key_of(imagenet.key_fields(), prefix="t")
+    assert ms.key_fields()["preprocessing"] == {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    # a tag trained on ImageNet's mean/std is ``torchvision``: the same numbers and key as before the pair existed
+    assert _spec({**arch, "name": f"{TINY_CLIP}.fake_in1k"}, ["norm"]).preprocessing == "torchvision"
+
+
+def test_preprocessing_mean_std_pairs_and_errors():
+    arch = {"name": TINY_CLIP, "kwargs": {}}
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert _spec(arch, ["norm"], preprocessing=imagenet).preprocessing == "torchvision"
+    half = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert _spec(arch, ["norm"], preprocessing=half).preprocessing == half
+    assert _spec(arch, ["norm"], preprocessing="caffe").preprocessing == "caffe"
+    for bad, pattern in (({"mean": [0.5] * 3}, r"^model.preprocessing: a mean/std pair takes exactly the keys"),
+                         ({"mean": [0.5] * 2, "std": [0.5] * 3}, r"^model.preprocessing.mean: three finite"),
+                         ({"mean": [0.5] * 3, "std": [0.5, 0, 0.5]}, r"^model.preprocessing.std: must be > 0"),
+                         ("opencv", r"^model.preprocessing: 'opencv' is not one of")):
+        with pytest.raises(ConfigError, match=pattern) as err:
+            _spec(arch, ["norm"], preprocessing=bad)
+        assert "\n" not in str(err.value)
+
+
+def test_conf_resolves_the_timm_preprocessing(helpers):
+    cfg = helpers.compose(["model=timm", f"model.name={TINY_CLIP}", "model.nodes=[norm]"])
+    pair = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    # JSON text: OmegaConf.resolve (run before every job) cannot replace an interpolation string with a dict
+    assert cfg.model.preprocessing == json.dumps(pair)
+    assert "preprocessing: '{\"mean\": [0.4815, 0.4578, 0.4082], \"std\": [0.2686, 0.2613, 0.2758]}'" in \
+        OmegaConf.to_yaml(cfg.model, resolve=True)
+    OmegaConf.resolve(cfg.model)
+    assert models.spec(cfg.model).preprocessing == pair
+    cfg = helpers.compose(["model=timm", f"model.name={TINY_CLIP}", "model.nodes=[norm]",
+                           "model.preprocessing={mean:[0.5,0.5,0.5],std:[0.25,0.25,0.25]}"])
+    assert models.spec(cfg.model).preprocessing == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    cfg = helpers.compose(["model=timm", "model.name=convnext_atto", "model.nodes=[stages.0]"])
+    assert cfg.model.preprocessing == "torchvision"  # ImageNet's: timm models' keys as before
+
+
+def test_cli_run_records_the_mean_std_and_the_pretrained_tag(tmp_path, image_folder, helpers, monkeypatch):
+    from featstudy.store import load_embedding
+
+    home = tmp_path / "hf"
+    for var, value in (("HF_HOME", home), ("HF_HUB_CACHE", home / "hub"), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(var, str(value))
+    path = _put_in_hf_cache(home, CLIP_REPO, _tiny_clip().state_dict())
+    overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.uri=")]
+    rc = helpers.run_cli([*overrides, "model=timm", f"model.name={TINY_CLIP}", "model.nodes=[norm]",
+                          "model.weights=pretrained", "tracking.uri=null"], monkeypatch)
+    assert rc == 0
+    metas = [p for p in tmp_path.rglob("meta.json") if p.parent.parent.name == "embeddings"]
+    assert len(metas) == 1 and load_embedding(metas[0].parent).features.shape == (24, 48)
+    meta = json.loads(metas[0].read_text())
+    pair = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    assert meta["preprocessing"] == pair and meta["key_fields"]["model"]["preprocessing"] == pair
+    assert meta["weights"] == "timm:fake_clip" and meta["weights_source"] == "timm"
+    assert meta["weights_path"] == str(path)
+    assert meta["key_fields"]["model"]["sha256"] == meta["weights_sha256"]

@@ -50,8 +50,8 @@ class TorchvisionModel:
         Graph node -> layer name (vgg19 without ``nodes``: the paper's table, ``features.1 -> conv1_1`` ... ``fc7``).
     weights : WeightsSource
         Where the weights come from (:func:`featstudy.models.weights.resolve`).
-    preprocessing : str
-        ``torchvision`` or ``caffe``: what the weights were trained on (:func:`weights.preprocessing_of`, the
+    preprocessing : str or dict
+        ``torchvision``, ``caffe`` or a mean/std pair ``{"mean": [...], "std": [...]}``: what the weights were trained on (:func:`weights.preprocessing_of`, the
         default of ``model.preprocessing``), unless set explicitly.
     channels : dict
         Layer -> channels where known without a forward pass (vgg19's table), else empty.
@@ -92,7 +92,7 @@ class TorchvisionModel:
         self.weights = _weights.resolve(name, weights, int(seed or 0))
         if preprocessing is None:
             preprocessing = _weights.preprocessing_of(self.weights, name)
-        self.preprocessing = check_preprocessing(str(preprocessing))
+        self.preprocessing = check_preprocessing(preprocessing)  # a name or a mean/std pair
 
     def key_fields(self) -> dict:
         """What about the model changes the numbers (hashed into the embedding key)."""

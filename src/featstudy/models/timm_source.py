@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from featstudy import pooling as _pooling
-from featstudy.errors import ConfigError
+from featstudy.errors import ConfigError, DataError
 from featstudy.models import weights as _weights
 from featstudy.models.crop_mean import CropMeanFeatures
 
@@ -59,9 +59,16 @@ class TimmModel:
     token_pooling : str
         ``cls``, ``mean`` or ``mean_patch``: how a 3-D token output (B, T, D) becomes (B, D).
     weights : WeightsSource
-        ``random`` (seeded by ``seed``) or a local ``.safetensors``/``.pth`` file (``file:<sha256>``).
-    preprocessing : str
-        ``torchvision`` (default) or ``caffe``.
+        ``random`` (seeded by ``seed``), a local ``.safetensors``/``.pth`` file (``file:<sha256>``), or timm's
+        pretrained weights: ``pretrained`` (the tag in ``name`` or its default tag) or a tag (``lvd142m``,
+        ``timm:lvd142m``), read from the local Hugging Face cache only (``timm:<tag>``, with the file's sha256);
+        downloaded only with ``download=true``.
+    preprocessing : str or dict
+        ``torchvision``, ``caffe`` or ``{"mean": [...], "std": [...]}``; by default (and for ``timm``) the mean/std
+        of the model's pretrained configuration (a pair equal to ImageNet's is ``torchvision``), or a safetensors
+        file's recorded ``preprocessing``.
+    download : bool
+        Whether timm pretrained weights missing from the local cache may be downloaded (into it).
     kwargs : dict
         Keyword arguments of ``timm.create_model`` (``img_size``, ``dynamic_img_size``, ``depth`` ...).
     channels : dict
@@ -71,14 +78,16 @@ class TimmModel:
     ------
     ConfigError
         An unknown model name, a missing, empty or duplicated node list, an unknown node, an unknown token pooling,
-        weights other than ``random`` or a file, a bad preprocessing name.
+        weights other than ``random``, a file or a pretrained tag of the model, a bad preprocessing.
+    DataError
+        A weights file that does not exist; pretrained weights not in the local cache (and ``download`` false).
     """
 
     source = "timm"
 
     def __init__(self, name: str, nodes: list[str] | None = None, token_pooling: str = "cls",
-                 weights: str = "random", seed: int = 0, preprocessing: str | None = None,
-                 kwargs: dict | None = None):
+                 weights: str = "random", seed: int = 0, preprocessing=None,
+                 kwargs: dict | None = None, download: bool = False):
         from featstudy.transforms import check_preprocessing
 
         timm = _timm()
@@ -99,26 +108,46 @@ class TimmModel:
         if token_pooling not in TOKEN_POOLINGS:
             raise ConfigError(f"model.token_pooling: {token_pooling!r} is not one of {list(TOKEN_POOLINGS)}")
         spec = "" if weights is None else str(weights).strip()
-        if spec != "random" and not _weights._looks_like_file(spec):
-            raise ConfigError(f"model.weights: {spec!r}: model=timm takes random or a local .safetensors/.pth file "
-                              "(timm pretrained tags are not supported yet)")
+        if not spec:
+            raise ConfigError("model.weights: empty; model=timm takes random, a local .safetensors/.pth file, "
+                              "pretrained, or a pretrained tag of the model")
         self.name = name
         self.kwargs = dict(kwargs or {})
         self.nodes = {n: n for n in nodes}
         self.channels: dict[str, int] = {}
         self.token_pooling = token_pooling
-        self.weights = _weights.resolve(name, spec, int(seed or 0))
-        if preprocessing is None:
+        self.download = bool(download)
+        self.tag = _weights.timm_tag(name, spec)  # None for random and files
+        if self.tag is not None:
+            self.weights = _weights.resolve_timm(name, self.tag, self.download)
+        else:
+            self.weights = _weights.resolve(name, spec, int(seed or 0))
+        if preprocessing is None or preprocessing == "timm":
             recorded = None
-            if self.weights.kind == "file" and self.weights.path.suffix == ".safetensors":
+            if preprocessing is None and self.weights.kind == "file" and self.weights.path.suffix == ".safetensors":
                 recorded = _weights._safetensors_metadata(self.weights.path).get("preprocessing")
-            preprocessing = recorded or "torchvision"
-        self.preprocessing = check_preprocessing(str(preprocessing))
+            preprocessing = recorded or self.data_config()
+            if not recorded:
+                preprocessing = {"mean": list(preprocessing["mean"]), "std": list(preprocessing["std"])}
+        self.preprocessing = check_preprocessing(preprocessing)
         modules = set(module_names(name, self.kwargs))
         unknown = [n for n in nodes if n not in modules]
         if unknown:
             raise ConfigError(f"model.nodes: {unknown[0]!r} is not a module of {name}; "
                               + _hint(name, self.kwargs))
+
+    @property
+    def timm_name(self) -> str:
+        """The name given to ``timm.create_model``: ``<arch>.<tag>`` for pretrained weights, else ``name``."""
+        if self.tag is None:
+            return self.name
+        return f"{_timm().models.split_model_name_tag(self.name)[0]}.{self.tag}"
+
+    def data_config(self) -> dict:
+        """timm's data configuration of the model (of its weights' tag): ``input_size``, ``interpolation``,
+        ``mean``, ``std``, ``crop_pct``, ``crop_mode``. featstudy takes ``mean``/``std`` as the default
+        preprocessing; the crops stay ``crops.*`` (docs/extraction.md: the mapping)."""
+        return _weights.timm_data_config(self.name, self.tag)
 
     def key_fields(self) -> dict:
         """What about the model changes the numbers (hashed into the embedding key)."""
@@ -133,6 +162,15 @@ class TimmModel:
         if src.kind == "random":
             torch.manual_seed(src.seed or 0)
             return timm.create_model(self.name, pretrained=False, **self.kwargs).eval(), None
+        if src.kind == "timm":  # timm's own loading (its checkpoint filter, head handling), from the cached file only
+            try:
+                net = timm.create_model(self.timm_name, pretrained=True, **self.kwargs,
+                                        pretrained_cfg_overlay={"file": str(src.path), "source": None})
+            except (RuntimeError, KeyError, ValueError, OSError) as exc:
+                why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise DataError(f"model.weights: {src.tag}: timm could not load {src.path} into {self.timm_name} "
+                                f"({why})") from None
+            return net.eval(), src.sha256
         state, digest = _weights.load_state_dict(src)
         try:
             with torch.device("meta"):  # skip the random init that the loaded weights replace
@@ -166,7 +204,8 @@ class TimmModel:
         return model, channels, digest
 
     def __repr__(self) -> str:
-        return f"TimmModel({self.name!r}, weights={self.weights.tag!r}, token_pooling={self.token_pooling!r})"
+        return (f"TimmModel({self.name!r}, weights={self.weights.tag!r}, token_pooling={self.token_pooling!r}, "
+                f"preprocessing={self.preprocessing!r})")
 
 
 def module_names(name: str, kwargs: dict | None = None) -> list[str]:
