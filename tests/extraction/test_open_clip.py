@@ -225,6 +225,9 @@ def test_default_preprocessing_is_the_towers_own_or_refused():
         ms = _spec(["ln_post"], preprocessing=None)
         assert ms.preprocessing == {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
         assert ms.key_fields()["preprocessing"] == ms.preprocessing
+        # an architecture whose tags all share another pair (SigLIP: Inception's 0.5 / 0.5) takes that pair
+        siglip = _spec(["trunk.norm"], name="ViT-B-16-SigLIP", preprocessing=None, token_pooling="mean")
+        assert siglip.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     else:
         with pytest.raises(ConfigError, match=r"^model.preprocessing: open_clip's mean/std .* cannot be applied"):
             _spec(["ln_post"], preprocessing=None)

@@ -122,6 +122,20 @@ def tag_checkpoint(name: str, tag: str, download: bool) -> tuple[Path, dict]:
         raise DataError(f"model.weights: {name} {tag}: download failed ({why}); put {where} by hand") from None
 
 
+def architecture_pair(name: str) -> dict | None:
+    """The mean/std of ``name`` without a tag: its config's ``preprocess_cfg``, else the pair all its pretrained
+    tags share (SigLIP: 0.5/0.5), else None (open_clip's default, ``OPENAI_DATASET_MEAN/STD``)."""
+    oc = _open_clip()
+    own = model_config(name).get("preprocess_cfg") or {}
+    pairs = {(tuple(own["mean"]), tuple(own["std"]))} if "mean" in own and "std" in own else {
+        (tuple(c["mean"]), tuple(c["std"])) for c in (oc.get_pretrained_cfg(name, t)
+                                                      for t in oc.list_pretrained_tags_by_model(name)) if "mean" in c}
+    if len(pairs) != 1:
+        return None
+    mean, std = pairs.pop()
+    return {"mean": list(mean), "std": list(std)}
+
+
 def visual_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The image tower's part of a checkpoint: the ``visual.*`` keys of a whole CLIP model (prefix removed; the
     text tower's keys are dropped), or the whole dict when it has none (a file of the tower alone)."""
@@ -181,7 +195,7 @@ class OpenClipModel:
         else:
             raise ConfigError("model.weights: empty; use random, a local .safetensors/.pt/.bin file or a pretrained "
                               "tag of " + name)
-        self.preprocessing = self._preprocessing(preprocessing, own)
+        self.preprocessing = self._preprocessing(preprocessing, own or architecture_pair(name))
         modules = {n for n, _ in build_visual(name, "meta").named_modules() if n}
         unknown = [n for n in nodes if n not in modules]
         if unknown:
