@@ -183,8 +183,8 @@ def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
 def _timm_preprocessing(model_name: Any, weights: Any = "random") -> Any:
     """``${timm_preprocessing:${.name},${.weights}}``: ``model.preprocessing``'s default for model=timm, the mean/std
     of the model's pretrained configuration (``torchvision`` when ImageNet's, else ``{mean: [...], std: [...]}``)
-    or a safetensors file's recorded preprocessing (:func:`featstudy.models.weights.timm_preprocessing_of`)."""
-    from featstudy.models.weights import _timm_preprocessing_resolver
+    or a safetensors file's recorded preprocessing (:func:`featstudy.models.timm_weights.timm_preprocessing_of`)."""
+    from featstudy.models.timm_weights import _timm_preprocessing_resolver
 
     return _timm_preprocessing_resolver(model_name, weights)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from featstudy import pooling as _pooling
 from featstudy.errors import ConfigError, DataError
+from featstudy.models import timm_weights as _timm_weights
 from featstudy.models import weights as _weights
 from featstudy.models.crop_mean import CropMeanFeatures
 
@@ -117,9 +118,9 @@ class TimmModel:
         self.channels: dict[str, int] = {}
         self.token_pooling = token_pooling
         self.download = bool(download)
-        self.tag = _weights.timm_tag(name, spec)  # None for random and files
+        self.tag = _timm_weights.timm_tag(name, spec)  # None for random and files
         if self.tag is not None:
-            self.weights = _weights.resolve_timm(name, self.tag, self.download)
+            self.weights = _timm_weights.resolve_timm(name, self.tag, self.download)
         else:
             self.weights = _weights.resolve(name, spec, int(seed or 0))
         if preprocessing is None or preprocessing == "timm":
@@ -147,7 +148,7 @@ class TimmModel:
         """timm's data configuration of the model (of its weights' tag): ``input_size``, ``interpolation``,
         ``mean``, ``std``, ``crop_pct``, ``crop_mode``. featstudy takes ``mean``/``std`` as the default
         preprocessing; the crops stay ``crops.*`` (docs/extraction.md: the mapping)."""
-        return _weights.timm_data_config(self.name, self.tag)
+        return _timm_weights.timm_data_config(self.name, self.tag)
 
     def key_fields(self) -> dict:
         """What about the model changes the numbers (hashed into the embedding key)."""
