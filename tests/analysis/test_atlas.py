@@ -148,17 +148,13 @@ def test_bad_settings_are_one_line_naming_the_key(kwargs, key):
 
 
 def fake_crops(monkeypatch, calls: list):
-    """Most activating images without a dataset: one coloured square per (feature, rank); rank 1 unreadable."""
+    """Most activating images without a dataset: one grey square per (feature, rank); rank 2 unreadable."""
     from featstudy.analysis import images
 
     def top_images_many(self, names, n):
         calls.extend(names)
-        out = {}
-        for name in names:
-            j = int(name.rsplit(":", 1)[1])
-            out[name] = [None if k == 1 else np.full((96, 96, 3), (40 * j + 30 * k) % 255, dtype=np.uint8)
-                         for k in range(n)]
-        return out
+        return {name: [None if k == 2 else np.full((96, 96, 3), (40 * i + 30 * k) % 255, dtype=np.uint8)
+                       for k in range(n)] for i, name in enumerate(names)}
 
     monkeypatch.setattr(images.ImageSource, "top_images_many", top_images_many)
 
@@ -172,7 +168,7 @@ def test_crops_once_per_feature_shown(tiny, monkeypatch):
     data = result.objects["data"]
     shown = sorted({f for c in tiny.classes for f in HAND[c][0] + HAND[c][1]})
     assert sorted(calls) == sorted(tiny.feature_names[j] for j in shown)  # each feature asked once
-    assert data["crops"] == {str(j): 2 for j in shown}  # rank 1 could not be read: two crops each
+    assert data["crops"] == {str(j): 2 for j in shown}  # rank 2 could not be read: two crops each
     img = tiny.out / "atlas" / "img"
     assert sorted(p.name for p in img.iterdir()) == sorted(f"f{j}_{k}.jpg" for j in shown for k in range(2))
     assert set(result.files) == {tiny.out / "atlas" / "index.html", *img.iterdir()}

@@ -27,7 +27,7 @@ td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 ul.cols{columns:4 220px;padding-left:18px}svg{background:#fff;border:1px solid #ddd}
 </style></head>
 <body>
-<header><a href="#/" id="home">featstudy atlas</a><span id="crumb"></span>
+<header><a href="#/" id="home">featstudy atlas</a><a href="#" id="back" title="back">&#9664; back</a><span id="crumb"></span>
 <input id="search" type="search" placeholder="search class, layer, feature" aria-label="search"></header>
 <div id="results"></div>
 <main id="view"></main>
@@ -235,8 +235,25 @@ function featureView(j) {
 
 function notFound() { return [el("h1", {text: "Not found"}), el("p", null, link("", "back to the index"))]; }
 
+// inside the MLflow UI (a blob: document in an iframe sandboxed to scripts) Chromium refuses even a fragment
+// navigation ("Not allowed to load local resource"): the route then lives in the page, links are intercepted
+var IN_BLOB = location.protocol === "blob:", current = "#/", past = [];
+function go(hash) {
+  if (!IN_BLOB) { location.hash = hash; return; }
+  past.push(current); current = hash; route();
+}
+document.addEventListener("click", function (ev) {
+  var a = ev.target && ev.target.closest ? ev.target.closest("a") : null;
+  var href = a ? a.getAttribute("href") : null;
+  if (IN_BLOB && href && href.indexOf("#/") === 0) { ev.preventDefault(); go(href); }
+});
+document.getElementById("back").addEventListener("click", function (ev) {
+  ev.preventDefault();
+  if (IN_BLOB) { if (past.length) { current = past.pop(); route(); } } else { history.back(); }
+});
+
 function route() {
-  var h = location.hash.replace(/^#\/?/, "");
+  var h = (IN_BLOB ? current : location.hash).replace(/^#\/?/, "");
   try { h = decodeURIComponent(h); } catch (e) { h = "?"; }
   var parts = h.split("/"), kind = parts[0];
   var arg = parts.slice(1).join("/"), nodes, crumb = "";
