@@ -145,7 +145,7 @@ class Browser:
                 self.proc.kill()
             shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> Browser:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -197,6 +197,6 @@ def test_full_disk_is_one_line(tiny, caplog, monkeypatch):
     with caplog.at_level(logging.ERROR):
         result = AtlasCallback(crops_per_feature=0).run(tiny.context())
     assert result.metrics == {"atlas_written": 0.0}
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
-        f"atlas: not written (No space left on device: {tiny.out / 'atlas' / 'index.html'}); the run's other "
-        "outputs stay"]
+    line = (f"atlas: not written (No space left on device: {tiny.out / 'atlas' / 'index.html'}); the run's other "
+            "outputs stay")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [line]

@@ -43,7 +43,7 @@ def _route(b: Browser, hash_: str, kind: str) -> None:
 
 
 def test_every_view_from_disk(page):
-    path, result, ctx = page
+    path, _, _ = page
     with Browser() as b:
         b.goto(path.as_uri())
         b.wait("document.body && document.body.dataset.ready === '1'")
@@ -109,7 +109,7 @@ def test_images_inside_the_mlflow_ui(page, ui):
     base, exp_id, uri = ui
     client = MlflowClient(uri)
     run_id = client.create_run(exp_id, run_name="atlas").info.run_id
-    path, _, ctx = page
+    _, _, ctx = page
     ctx = AnalysisContext(ctx.embedding, ctx.analysis, ctx.output_dir, ctx.dataset, run_id=run_id)
     result = AtlasCallback(crops_per_feature=2).run(ctx)
     for f in result.files:  # as app.run logs them: at their folder relative to the output folder

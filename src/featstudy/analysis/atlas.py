@@ -61,7 +61,7 @@ class AtlasCallback(AnalysisCallback):
     def __init__(self, top_k: int = 32, crops_per_feature: int = 4, jpeg_quality: int = 80, crop_px: int = 96,
                  step: float = 0.001, **unknown: Any):
         if unknown:
-            key = sorted(unknown)[0]
+            key = min(unknown)
             raise ConfigError(f"analysis.callbacks.atlas.{key}: unknown key; known: top_k, crops_per_feature, "
                               "jpeg_quality, crop_px, step")
         self.top_k = _positive_int("top_k", top_k, 1)
@@ -201,7 +201,7 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
         "version": 1, "dataset": ctx.dataset, "model": str(meta.get("model") or ""), "weights": weights,
         "random_weights": weights == "random" or meta.get("weights_source") == "random",
         "run_id": ctx.extra.get("run_id"), "artifact_dir": "atlas",
-        "n_images": int(len(ctx.labels)), "t_plus": t_plus, "t_minus": t_minus,
+        "n_images": len(ctx.labels), "t_plus": t_plus, "t_minus": t_minus,
         "kept": kept.overall, "kept_random": kept.overall_random, "top_k": top_k,
         "has_q": True, "has_auroc": auroc is not None,
         "classes": list(ctx.classes), "n_in": np.bincount(ctx.labels, minlength=len(ctx.classes)).tolist(),
