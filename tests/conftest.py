@@ -52,6 +52,7 @@ def tiny_overrides(root: Path, images: Path) -> list[str]:
         "experiment=demo",
         "dataset=imagefolder",
         f"dataset.root={images}",
+        "dataset.per_class=null",  # every image of the folder, not the demo's first 30 of each class
         f"paths.root_dir={root}",
         f"tracking.uri=sqlite:///{root}/mlruns/mlflow.db",
         "crops.resize=36",
@@ -63,6 +64,8 @@ def tiny_overrides(root: Path, images: Path) -> list[str]:
         "analysis.callbacks.figures.top_k=3",
         "analysis.callbacks.figures.n_images=3",
         "analysis.callbacks.figures.dpi=60",
+        "analysis.callbacks.atlas.top_k=3",  # the atlas page with a few crops, not 64 features x 4 per class
+        "analysis.callbacks.atlas.crops_per_feature=1",
     ]
 
 

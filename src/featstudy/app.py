@@ -346,9 +346,10 @@ def run(cfg: DictConfig, tracker: Any = None, dataset: Any = None) -> tuple[dict
         tracker.log_metrics(result.metrics)
         for key, (steps, values) in result.series.items():
             tracker.log_series(key, steps, values)
-        for path in result.files:
+        for path in result.files:  # a file at its folder's path; a folder (its files) at its own path, one call
             rel = Path(path).resolve().relative_to(output_dir.resolve())
-            tracker.log_artifact(path, str(rel.parent) if str(rel.parent) != "." else None)
+            where = rel if Path(path).is_dir() else rel.parent
+            tracker.log_artifact(path, str(where) if str(where) != "." else None)
         for artifact_file, table in result.tables.items():
             tracker.log_table(table, artifact_file)
         metrics.update(result.metrics)

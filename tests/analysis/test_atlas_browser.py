@@ -112,8 +112,12 @@ def test_images_inside_the_mlflow_ui(page, ui):
     _, _, ctx = page
     ctx = AnalysisContext(ctx.embedding, ctx.analysis, ctx.output_dir, ctx.dataset, run_id=run_id)
     result = AtlasCallback(crops_per_feature=2).run(ctx)
-    for f in result.files:  # as app.run logs them: at their folder relative to the output folder
-        client.log_artifact(run_id, str(f), str(Path(f).parent.relative_to(ctx.output_dir)))
+    for f in result.files:  # as app.run logs them: a file at its folder's path, a folder at its own path
+        rel = Path(f).relative_to(ctx.output_dir)
+        if Path(f).is_dir():
+            client.log_artifacts(run_id, str(f), str(rel))
+        else:
+            client.log_artifact(run_id, str(f), str(rel.parent))
     client.set_terminated(run_id, "FINISHED")
     flags = ["--disable-site-isolation-trials", "--disable-features=IsolateSandboxedIframes,IsolateOrigins"]
     with Browser(extra_flags=flags) as b:

@@ -83,9 +83,11 @@ class AtlasCallback(AnalysisCallback):
             log.error("atlas: not written (%s: %s); the run's other outputs stay",
                       exc.strerror or type(exc).__name__, exc.filename or folder)
             return CallbackResult(metrics={"atlas_written": 0.0})
+        # the crops as one folder: one MLflow call for thousands of files (app.run logs a folder at its own path)
         return CallbackResult(metrics={"atlas_written": 1.0, "atlas_bytes": float(page.stat().st_size),
                                        "atlas_crops": float(len(files))},
-                              files=[page, *files], objects={"data": data})
+                              files=[page, folder / "img"] if files else [page], objects={"data": data,
+                                                                                          "crops": files})
 
     def _crops(self, ctx: AnalysisContext, data: dict, img_dir: Path) -> list[Path]:
         """The crops of every feature the class lists show, written once each as ``img/f<j>_<k>.jpg``; their

@@ -21,6 +21,7 @@ main{padding:8px 16px}#results{padding:4px 16px;background:#fff;border-bottom:1p
 .banner{background:#ffecb3;border:1px solid #ffb300;padding:6px 10px;margin:8px 0}
 table{border-collapse:collapse;margin:6px 0}td,th{border-bottom:1px solid #e0e0e0;padding:2px 8px;text-align:left;vertical-align:middle}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.crops{white-space:nowrap}td.num{white-space:nowrap}
 .crops img{width:64px;height:64px;margin-right:2px;vertical-align:middle;background:#ddd}
 .bigcrops img{width:128px;height:128px;margin:2px}
 .pos{color:#1b5e20}.neg{color:#b71c1c}.muted{color:#777}

@@ -32,7 +32,8 @@ class CallbackResult:
     series : dict
         ``name -> (steps, values)`` curves, logged as metric steps.
     files : list of Path
-        Files written under the output folder; logged as artifacts at their path relative to it.
+        Files written under the output folder; logged as artifacts at their path relative to it (a folder: its
+        files under its own path, in one call).
     tables : dict
         ``artifact file (.json) -> {column: values}``: tables also logged through MLflow's table API (the CSV
         files in ``files`` are what a reader opens; these feed the UI's table views).
