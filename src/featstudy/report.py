@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from featstudy import __version__
 from featstudy.analysis.ks import load_ks_arrays
