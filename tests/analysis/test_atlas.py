@@ -178,6 +178,21 @@ def test_crops_once_per_feature_shown(tiny, monkeypatch):
     assert result.metrics["atlas_crops"] == 2 * len(shown)
 
 
+def test_crops_that_fail_leave_the_page(tiny, monkeypatch, caplog):
+    from featstudy.analysis import images
+
+    def broken(self, names, n):
+        raise RuntimeError("weights not in the local cache\nsecond line")
+
+    monkeypatch.setattr(images.ImageSource, "top_images_many", broken)
+    with caplog.at_level(logging.WARNING):
+        result = AtlasCallback().run(tiny.context())
+    assert result.metrics["atlas_written"] == 1.0 and result.files == [tiny.out / "atlas" / "index.html"]
+    assert read_data(result.files[0])["crops"] == {}
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("atlas")] == [
+        "atlas: no image crops (RuntimeError: weights not in the local cache); the page is written without them"]
+
+
 def test_unwritable_atlas_is_one_line_and_the_run_goes_on(tiny, caplog):
     tiny.out.mkdir(parents=True)
     (tiny.out / "other.txt").write_text("kept")

@@ -11,6 +11,7 @@ ks         :mod:`featstudy.analysis.ks`         ``arrays/ks.npz`` (D, D+, D- rea
 thresholds :mod:`featstudy.analysis.thresholds` ``tables/table3.csv``, ``tables/table4.csv``, d_avg curves
 figures    :mod:`featstudy.analysis.figures`    ``figures/fig{1,2,3,5,6,9,10}.{png,pdf}``
 null       :mod:`featstudy.analysis.null`       ``tables/null_by_layer.csv`` (BH q-values, q < 0.05 share)
+atlas      :mod:`featstudy.analysis.atlas`      ``atlas/index.html`` + ``atlas/img/`` (one page to browse D)
 ========== ==================================== ==========================================================
 """
 

@@ -76,7 +76,14 @@ class AtlasCallback(AnalysisCallback):
         data = build_data(ctx, self.top_k, self.step)
         folder = ctx.output_dir / "atlas"
         try:
-            files = self._crops(ctx, data, folder / "img")
+            try:
+                files = self._crops(ctx, data, folder / "img")
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the page is useful without its images
+                log.warning("atlas: no image crops (%s: %s); the page is written without them", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+                files, data["crops"] = [], {}
             page = folder / "index.html"
             page.write_text(render(data), encoding="utf-8")
         except OSError as exc:
@@ -151,8 +158,13 @@ def _auroc(ctx: AnalysisContext) -> np.ndarray | None:
     return None
 
 
-def _sig(x: float, digits: int = 3) -> float:
-    return float(f"{x:.{digits}g}")
+def _sig(x: float, digits: int = 3) -> float | None:
+    return float(f"{x:.{digits}g}") if np.isfinite(x) else None
+
+
+def _num(x: Any, decimals: int = 4) -> float | None:
+    """``x`` rounded, or None (JSON null) when it is not a finite number."""
+    return None if x is None or not np.isfinite(x) else round(float(x), decimals)
 
 
 def ranked(d: np.ndarray, t_plus: float, t_minus: float, top_k: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -179,8 +191,7 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
     pos, neg = ranked(d, t_plus, t_minus, top_k)
 
     def entry(f: int, c: int) -> list:
-        return [f, round(float(d[f, c]), 4), _sig(float(q[f, c])),
-                None if auroc is None else round(float(auroc[f, c]), 4)]
+        return [f, _num(d[f, c]), _sig(float(q[f, c])), None if auroc is None else _num(auroc[f, c])]
 
     layer_index = {layer: i for i, layer in enumerate(ctx.layers)}
     layer_of = [layer_index[layer] for layer in ctx.layer_of_feature.tolist()]
@@ -190,10 +201,10 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
     for layer in ctx.layers:
         in_layer = ctx.layer_of_feature == layer
         counts, _ = np.histogram(np.clip(d[in_layer].ravel(), -1, 1), bins=edges)
-        layers.append({"name": layer, "n": int(in_layer.sum()), "kept": kept.by_layer.get(layer),
-                       "kept_random": kept.by_layer_random.get(layer), "hist": counts.tolist(),
+        layers.append({"name": layer, "n": int(in_layer.sum()), "kept": _num(kept.by_layer.get(layer), 6),
+                       "kept_random": _num(kept.by_layer_random.get(layer), 6), "hist": counts.tolist(),
                        "irrelevant": np.flatnonzero(in_layer & ~described.any(axis=1)).tolist()})
-    strips = np.clip(np.rint(d * 127), -127, 127).astype(np.int8)
+    strips = np.clip(np.rint(np.nan_to_num(d) * 127), -127, 127).astype(np.int8)
     meta = ctx.embedding.meta or {}
     handle = ctx.extra.get("handle")
     weights = str(getattr(handle, "weights_tag", "") or meta.get("weights") or "")
@@ -204,7 +215,7 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
         "random_weights": weights == "random" or meta.get("weights_source") == "random",
         "run_id": ctx.extra.get("run_id"), "artifact_dir": "atlas",
         "n_images": len(ctx.labels), "t_plus": t_plus, "t_minus": t_minus,
-        "kept": kept.overall, "kept_random": kept.overall_random, "top_k": top_k,
+        "kept": _num(kept.overall, 6), "kept_random": _num(kept.overall_random, 6), "top_k": top_k,
         "has_q": True, "has_auroc": auroc is not None,
         "classes": list(ctx.classes), "n_in": np.bincount(ctx.labels, minlength=len(ctx.classes)).tolist(),
         "features": list(ctx.feature_names), "layer_of": layer_of, "layers": layers,
