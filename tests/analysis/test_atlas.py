@@ -216,3 +216,27 @@ def test_full_disk_is_one_line(tiny, caplog, monkeypatch):
     line = (f"atlas: not written (No space left on device: {tiny.out / 'atlas' / 'index.html'}); the run's other "
             "outputs stay")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [line]
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_atlas_with_its_run_id(tmp_path, image_folder, helpers):
+    """Through :func:`featstudy.app.run` (a tiny image folder, resnet18 at random weights, MLflow in tmp_path): the
+    page carries the run's id, the page and its crops' folder are artifacts at atlas/index.html and atlas/img/."""
+    from mlflow.tracking import MlflowClient
+
+    from featstudy import app
+
+    cfg = helpers.compose([*helpers.tiny_overrides(tmp_path, image_folder), "model=torchvision",
+                           "model.name=resnet18", "model.weights=random", "model.nodes=[layer1,flatten]",
+                           "crops=center", "crops.resize=36", "crops.size=32", "~analysis.callbacks.figures",
+                           "~analysis.callbacks.null", f"paths.output_dir={tmp_path}/out"])
+    metrics, objects = app.run(cfg)
+    run_id = objects["run_id"]
+    assert run_id and metrics["atlas_written"] == 1.0 and metrics["atlas_crops"] > 0
+    data = read_data(tmp_path / "out" / "atlas" / "index.html")
+    assert data["run_id"] == run_id and data["has_auroc"] is True  # the selectivity callback ran before
+    client = MlflowClient(str(cfg.tracking.uri))
+    assert {f.path for f in client.list_artifacts(run_id, "atlas")} == {"atlas/index.html", "atlas/img"}
+    logged = sorted(f.path for f in client.list_artifacts(run_id, "atlas/img"))
+    assert logged == sorted(f"atlas/img/{p.name}" for p in (tmp_path / "out" / "atlas" / "img").iterdir())
+    assert len(logged) == metrics["atlas_crops"] == sum(data["crops"].values())
