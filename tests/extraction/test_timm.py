@@ -489,3 +489,32 @@ def test_cli_run_records_the_mean_std_and_the_pretrained_tag(tmp_path, image_fol
     assert meta["weights"] == "timm:fake_clip" and meta["weights_source"] == "timm"
     assert meta["weights_path"] == str(path)
     assert meta["key_fields"]["model"]["sha256"] == meta["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_two_timm_models_extracts_each_once(tmp_path, helpers, monkeypatch):
+    """Issue 13: `python -m featstudy -m model=timm model.name=a,b analysis.bins=10,null`: four jobs, two
+    embeddings; each model's first job extracts (embedding_cache=miss), its second reuses it (hit), whichever the
+    analysis. Counted from the runs' tags in the real MLflow store and from the cache folder."""
+    from mlflow.tracking import MlflowClient
+
+    images = helpers.make_image_folder(tmp_path / "images", per_class=3)
+    argv = ["-m", *helpers.tiny_overrides(tmp_path, images), "model=timm",
+            "model.name=vit_tiny_patch16_224,deit_tiny_patch16_224", "model.nodes=[blocks.1,norm]",
+            "model.kwargs={img_size:32,depth:2}", "model.weights=random", "crops=center",
+            "analysis.bins=10,null", "~analysis.callbacks.figures", "~analysis.callbacks.atlas",
+            "hydra.sweep.dir=" + str(tmp_path / "multirun")]
+    assert helpers.run_cli(argv, monkeypatch) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = [r for r in client.search_runs(["1"]) if r.data.tags.get("featstudy.role") == "job"]
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    by_model: dict[str, list[str]] = {}
+    for r in runs:
+        by_model.setdefault(r.data.params["model.name"], []).append(r.data.tags["embedding_cache"])
+    assert {m: sorted(tags) for m, tags in by_model.items()} == {
+        "vit_tiny_patch16_224": ["hit", "miss"], "deit_tiny_patch16_224": ["hit", "miss"]}
+    keys = {r.data.tags["embedding_key"] for r in runs}
+    from pathlib import Path
+
+    cache = Path(runs[0].data.params["paths.cache_dir"]) / "embeddings"
+    assert len(keys) == 2 and sorted(p.name for p in cache.iterdir() if p.is_dir()) == sorted(keys)
