@@ -106,6 +106,13 @@ def _gather_columns(block, j0, gw, col):
 
 
 @njit(cache=True, inline="always")
+def _shape(block, labels, n_in):
+    """(N, fc, K, C, feature groups of :data:`GROUP`) of a kernel's block, label rows and class sizes."""
+    n, fc = block.shape
+    return n, fc, labels.shape[0], n_in.size, (fc + GROUP - 1) // GROUP
+
+
+@njit(cache=True, inline="always")
 def _group_columns(block, grp):
     """(j0, gw, col) of feature group ``grp``: its first column, its width (≤ GROUP) and its columns gathered.
 
@@ -386,10 +393,7 @@ def _sort_f64(x, skey, sidx, rs, re):
 def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float32 block (N, fc): radix sort of the raw bits (:func:`_sort_f32`), one sort per
     feature for all K."""
-    n, fc = block.shape
-    kperm = labels.shape[0]
-    c_count = n_in.size
-    n_groups = (fc + GROUP - 1) // GROUP
+    n, fc, kperm, c_count, n_groups = _shape(block, labels, n_in)
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         packed, tmp, zidx, hist = _f32_scratch(n)
@@ -407,10 +411,7 @@ def exact_f32(block, labels, n_in, gmax, gmin, locp, locm, bad):
 @_lazy_njit(_SIG_F64, parallel=True, cache=True, nogil=True)
 def exact_f64(block, labels, n_in, gmax, gmin, locp, locm, bad):
     """Exact extrema for a float64 block (N, fc): comparison sort (:func:`_sort_f64`), one per feature for all K."""
-    n, fc = block.shape
-    kperm = labels.shape[0]
-    c_count = n_in.size
-    n_groups = (fc + GROUP - 1) // GROUP
+    n, fc, kperm, c_count, n_groups = _shape(block, labels, n_in)
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         skey = np.empty(n, dtype=np.float64)
@@ -532,10 +533,7 @@ def binned(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
 
     O(N + B + C) per feature and permutation; the choice when B·C is large against N (see :func:`binned_table`).
     """
-    n, fc = block.shape
-    kperm = labels.shape[0]
-    c_count = n_in.size
-    n_groups = (fc + GROUP - 1) // GROUP
+    n, fc, kperm, c_count, n_groups = _shape(block, labels, n_in)
     for grp in prange(n_groups):
         j0, gw, col = _group_columns(block, grp)
         bins = np.empty(n, dtype=np.int32)
@@ -609,10 +607,7 @@ def binned_table(block, labels, n_in, nbins, gmax, gmin, locp, locm, bad):
     Cost per feature and permutation O(N + B·C), against O(N) for :func:`binned`: the caller picks this kernel
     when B·C is at most a few times N (cub200: 100 × 200 cells for 6,000 images).
     """
-    n, fc = block.shape
-    kperm = labels.shape[0]
-    c_count = n_in.size
-    n_groups = (fc + GROUP - 1) // GROUP
+    n, fc, kperm, c_count, n_groups = _shape(block, labels, n_in)
     scale = table_scale(nbins)
     n_scaled = np.float64(n) * scale
     for grp in prange(n_groups):

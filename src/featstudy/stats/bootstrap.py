@@ -109,19 +109,9 @@ class BootstrapResult:
         return int(b)
 
 
-def bootstrap_thresholds(
-    features,
-    labels,
-    *,
-    n_boot: int = 200,
-    seed: int = 0,
-    bins: int | None = 100,
-    permutations: int = 1,
-    step: float = 0.001,
-    level: float = 0.95,
-    chunk_size: int | None = None,
-    progress: bool = False,
-) -> BootstrapResult:
+def bootstrap_thresholds(features, labels, *, n_boot: int = 200, seed: int = 0, bins: int | None = 100,
+                         permutations: int = 1, step: float = 0.001, level: float = 0.95,
+                         chunk_size: int | None = None, progress: bool = False) -> BootstrapResult:
     r"""Stratified bootstrap of the thresholds t+ and t− (paper Eq. 4, Table 4): their sampling variability.
 
     Replicate b (b = 0…n_boot − 1):
@@ -156,10 +146,8 @@ def bootstrap_thresholds(
         Grid step of :func:`thresholds`.
     level : float, default 0.95
         Default coverage of :meth:`BootstrapResult.interval`, in (0, 1).
-    chunk_size : int, optional
-        Features per chunk (default: as many as fit 256 MB of copied values).
-    progress : bool, default False
-        Show a tqdm progress bar over replicates.
+    chunk_size, progress
+        Features per chunk (default: as many as fit 256 MB of copied values); a tqdm bar over replicates.
 
     Returns
     -------

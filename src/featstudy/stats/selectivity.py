@@ -59,10 +59,8 @@ def selectivity_index(features, labels, *, chunk_size: int | None = None,
         :func:`signed_ks`; values are summed in float64 whatever their dtype.
     labels : array_like, shape (N,)
         Class of each image: ints or strings. At least two classes.
-    chunk_size : int, optional
-        Features per chunk (default: as many as fit 512 MB of copied values).
-    progress : bool, default False
-        Show a tqdm progress bar over features.
+    chunk_size, progress
+        As for :func:`class_auroc`: features per chunk (default: 512 MB of copied values); a tqdm bar.
 
     Returns
     -------
