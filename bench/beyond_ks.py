@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy
 import sklearn
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ks import make_data, peak_memory, wall  # bench/ks.py: the same data, the same clocks
+from ks import peak_memory, setup, wall  # bench/ks.py: the same data, the same clocks
 
 from featstudy.stats import (
     bootstrap_thresholds,
@@ -97,18 +95,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import numba
-
-    print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes share the cores)")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, numba threads {numba.config.NUMBA_NUM_THREADS}, "
-          f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"scikit-learn {sklearn.__version__}, numba {numba.__version__}")
-    rng = np.random.default_rng(args.seed)
-    x, labels = make_data(rng, args.n, args.features, args.classes)
-    classes = np.unique(labels)
-    n_pairs = args.features * classes.size
-    print(f"data: N={args.n} F={args.features} C={classes.size} ({n_pairs:,} pairs), "
-          f"{(x == 0).mean():.1%} exact zeros, {x.nbytes / MB:.0f} MB float32")
+    rng, x, labels, classes, n_pairs = setup(args, f"scikit-learn {sklearn.__version__}, ")
 
     # warm-up: load (or build) the numba caches, sklearn's and scipy's lazy imports
     small, small_y = x[:64, :70], labels[:64] % 2

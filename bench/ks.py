@@ -113,6 +113,24 @@ def peak_memory(fn):
     return res, mem
 
 
+def setup(args, versions: str = ""):
+    """Print the load, the machine and the data; return (rng, x, labels, classes, n_pairs) of cub200 scale
+    (``args.n``, ``args.features``, ``args.classes``, ``args.seed``). ``versions``: more ``name x.y`` to print."""
+    import numba
+
+    print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes share the cores)")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, numba threads {numba.config.NUMBA_NUM_THREADS}, "
+          f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+          f"{versions}numba {numba.__version__}")
+    rng = np.random.default_rng(args.seed)
+    x, labels = make_data(rng, args.n, args.features, args.classes)
+    classes = np.unique(labels)
+    n_pairs = args.features * classes.size
+    print(f"data: N={args.n} F={args.features} C={classes.size} ({n_pairs:,} pairs), "
+          f"{(x == 0).mean():.1%} exact zeros, {x.nbytes / MB:.0f} MB float32")
+    return rng, x, labels, classes, n_pairs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=6000, help="images (default 6000, cub200)")
@@ -125,18 +143,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import numba
-
-    print(f"load average at start: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes share the cores)")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, numba threads {numba.config.NUMBA_NUM_THREADS}, "
-          f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"numba {numba.__version__}")
-    rng = np.random.default_rng(args.seed)
-    x, labels = make_data(rng, args.n, args.features, args.classes)
-    classes = np.unique(labels)
-    n_pairs = args.features * classes.size
-    print(f"data: N={args.n} F={args.features} C={classes.size} ({n_pairs:,} pairs), "
-          f"{(x == 0).mean():.1%} exact zeros, {x.nbytes / MB:.0f} MB float32")
+    rng, x, labels, classes, n_pairs = setup(args)
 
     # warm-up: load (or build) the numba cache for these array layouts
     signed_ks(x[:64], labels[:64] % 2, bins=100)
