@@ -25,3 +25,23 @@ def binned_kernel(request, monkeypatch):
 
     monkeypatch.setattr(ks, "binned_method", lambda n, nbins, n_classes: request.param)
     return request.param
+
+
+def run_twice_in_fresh_processes(code: str):
+    """Run ``code`` (Python source) in two fresh interpreters with featstudy's src on the path; the first warms
+    numba's on-disk cache, the second's CompletedProcess is returned (for the cache-hit tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+
+
+@pytest.fixture
+def fresh_processes():
+    """:func:`run_twice_in_fresh_processes`, as a fixture (test modules do not import conftest)."""
+    return run_twice_in_fresh_processes
+

@@ -1,9 +1,6 @@
 """class_auroc: sklearn and exact-fraction oracles, ties and zeros, dtypes, memmaps, traps, its relation to KS."""
 
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,7 +155,7 @@ def test_nan_among_many_columns_is_named_with_its_global_index():
         class_auroc(x, np.arange(30) % 3, chunk_size=50)
 
 
-def test_numba_cache_is_used_in_a_fresh_process():
+def test_numba_cache_is_used_in_a_fresh_process(fresh_processes):
     code = (
         "import numpy as np\n"
         "from featstudy.stats import class_auroc, _kernels as K\n"
@@ -169,9 +166,6 @@ def test_numba_cache_is_used_in_a_fresh_process():
         "print(miss)\n"
         "raise SystemExit(1 if any(miss.values()) else 0)\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)  # warm cache
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    res = fresh_processes(code)
     assert res.returncode == 0, res.stdout + res.stderr
     assert callable(_kernels.auroc_f32) and callable(_kernels.auroc_f64)

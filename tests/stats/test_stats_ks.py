@@ -344,7 +344,7 @@ def test_stats_imports_no_heavy_frameworks():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_numba_cache_is_used_in_a_fresh_process():
+def test_numba_cache_is_used_in_a_fresh_process(fresh_processes):
     # kernels that call numba.get_num_threads() silently lose cache=True and recompile in every process
     assert "get_num_threads" not in Path(_kernels.__file__).read_text().replace("``numba.get_num_threads()``", "")
     code = (
@@ -361,8 +361,5 @@ def test_numba_cache_is_used_in_a_fresh_process():
         "print(miss)\n"
         "raise SystemExit(1 if any(miss.values()) else 0)\n"
     )
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)  # warms the cache
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    res = fresh_processes(code)
     assert res.returncode == 0, res.stdout + res.stderr
