@@ -102,9 +102,9 @@ def test_top_k_and_run_id(tiny):
 HOSTILE = ["<img src=x onerror=alert(1)>", "</script><script>alert(2)</script>", "a & \u2028 \"b\" 'c'"]
 
 
-def hostile_context(tmp_path: Path):
-    """The tiny embedding with hostile class and feature names."""
-    from conftest import FEATURE_NAMES, FEATURES, LABELS
+def hostile_context(tmp_path: Path, tiny):
+    """The tiny embedding (the ``tiny`` fixture's arrays) with hostile class and feature names."""
+    FEATURE_NAMES, FEATURES, LABELS = tiny.feature_names, tiny.features, tiny.labels
 
     from featstudy.analysis import AnalysisContext
     from featstudy.store import load_embedding, write_embedding
@@ -118,8 +118,8 @@ def hostile_context(tmp_path: Path):
     return AnalysisContext(load_embedding(folder), settings, tmp_path / "out", "tiny</script><b>x</b>")
 
 
-def test_hostile_names_stay_data(tmp_path):
-    ctx = hostile_context(tmp_path)
+def test_hostile_names_stay_data(tmp_path, tiny):
+    ctx = hostile_context(tmp_path, tiny)
     AtlasCallback(crops_per_feature=0).run(ctx)
     page = tmp_path / "out" / "atlas" / "index.html"
     text = page.read_text(encoding="utf-8")

@@ -29,10 +29,10 @@ IMAGES_OK = ("(() => { if (!document.images.length) return false;"
 
 
 @pytest.fixture
-def page(tmp_path, monkeypatch):
+def page(tmp_path, monkeypatch, tiny):
     """An atlas with hostile class names and (fake) crops, and its context."""
     fake_crops(monkeypatch, [])
-    ctx = hostile_context(tmp_path)
+    ctx = hostile_context(tmp_path, tiny)
     result = AtlasCallback(crops_per_feature=2).run(ctx)
     return tmp_path / "out" / "atlas" / "index.html", result, ctx
 

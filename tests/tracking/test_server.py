@@ -81,6 +81,10 @@ def test_parallel_sweep_against_the_server(server_uri, tmp_path, image_folder, h
             if op["op"] == "metrics":
                 for k, v, _, step in op["metrics"]:
                     expected_metrics.setdefault(k, []).append((step, v))
+            elif op["op"] == "artifact" and op.get("is_dir"):  # a folder (atlas/img), logged whole
+                local = folder / op["path"] if not Path(op["path"]).is_absolute() else Path(op["path"])
+                expected_files |= {str(Path(op["artifact_path"] or "") / f.relative_to(local))
+                                   for f in local.rglob("*") if f.is_file()}
             elif op["op"] == "artifact":
                 expected_files.add(str(Path(op["artifact_path"] or "") / Path(op["path"]).name))
             elif op["op"] == "table":

@@ -57,7 +57,12 @@ def journaled(folder: Path) -> dict:
                 metrics.setdefault(k, []).append((step, v))
         elif op["op"] == "artifact":
             rel = Path(op["path"])
-            files.add(str(Path(op["artifact_path"] or "") / rel.name))
+            if op.get("is_dir"):  # a folder (atlas/img) is logged whole: its files land under artifact_path
+                local = rel if rel.is_absolute() else Path(folder) / rel
+                files |= {str(Path(op["artifact_path"] or "") / f.relative_to(local)) for f in local.rglob("*")
+                          if f.is_file()}
+            else:
+                files.add(str(Path(op["artifact_path"] or "") / rel.name))
         elif op["op"] == "table":
             files.add(op["artifact_file"])
         elif op["op"] == "end":
