@@ -184,7 +184,10 @@ def safe_extract(archive: str | Path, dest: str | Path) -> None:
             if is_zip:
                 arc.extractall(tmp)
             else:
-                arc.extractall(tmp, filter=_tar_filter)  # the data filter too: modes, and a second opinion
+                if TAR_FILTERS:
+                    arc.extractall(tmp, filter=_tar_filter)  # the data filter too: modes, and a second opinion
+                else:  # Python < 3.10.12 / 3.11.4: the members were checked above, by featstudy alone
+                    arc.extractall(tmp)
             entries = sorted(os.listdir(tmp))
             for name in entries:
                 if os.path.lexists(dest / name):
@@ -199,10 +202,15 @@ def safe_extract(archive: str | Path, dest: str | Path) -> None:
                     folder.rmdir()
                 except OSError:
                     break
-            if isinstance(exc, tarfile.FilterError):
+            if TAR_FILTERS and isinstance(exc, tarfile.FilterError):
                 raise DataError(f"{archive}: refusing to extract unsafe member ({exc})") from exc
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: tarfile's extraction filters (PEP 706: Python >= 3.10.12, 3.11.4, 3.12); without them :func:`check_tar_members`
+#: alone decides (it refuses links, devices, absolute and escaping names before anything is written)
+TAR_FILTERS = hasattr(tarfile, "data_filter")
 
 
 def _open_tar(archive) -> tarfile.TarFile:
