@@ -6,12 +6,17 @@ PNG and PDF. Nothing here reads the embedding or talks to MLflow.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+# matplotlib's PDF backend subsets the embedded fonts with fontTools, which logs every table it prunes at INFO
+# (hundreds of lines per job under Hydra's INFO logging): not the user's business
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 #: Paper §5.3: low-level layers (conv1_1 .. conv5_3) against high-level ones (conv5_4 and fc7).
 PAPER_HIGH_LAYERS = ("conv5_4", "fc7")
