@@ -52,7 +52,10 @@ def _run(cfg, path: Path, env: dict, timeout: float = 240) -> subprocess.Complet
 def _same_as_one_process(key_dir: Path, one_cfg) -> None:
     ddp, one = load_embedding(key_dir), load_embedding(get_embedding(one_cfg).path)
     assert ddp.paths == one.paths and ddp.skipped == one.skipped
-    np.testing.assert_allclose(ddp.features, one.features, rtol=1e-5, atol=1e-6)
+    # the reference runs batches of 4, the DDP ranks batches of 1: oneDNN sums a batch's convolutions in another
+    # order, which moves small features by ~1e-6 (measured: 1.2e-6 on a 0.0015 value); a wrong or repeated image
+    # moves them by the features' own spread (~0.1), far beyond this
+    np.testing.assert_allclose(ddp.features, one.features, rtol=1e-5, atol=1e-5)
 
 
 DDP2 = {"trainer.accelerator": "cpu", "trainer.strategy": "ddp", "trainer.devices": 2, "loader.batch_size": 1}
