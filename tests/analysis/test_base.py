@@ -149,3 +149,22 @@ def test_a_class_without_images_shifts_no_name(tmp_path, caplog):
     KSCallback().run(ctx)
     with np.load(tmp_path / "o" / "arrays" / "ks.npz") as z:
         assert z["classes"].tolist() == ["a", "c"] and z["d"].shape == (1, 2) and z["n_in"].tolist() == [4, 3]
+
+
+def test_the_real_labels_p_and_q_values_are_computed_once_for_the_null_callback_and_the_atlas(tiny, monkeypatch):
+    """NullCallback then the atlas: the real labels' p-values once (then one per randomized permutation), the atlas
+    reading the same q-values, equal to BH (scipy) of the p-values."""
+    from scipy.stats import false_discovery_control
+
+    from featstudy import stats
+    from featstudy.analysis.null import NullCallback
+
+    calls = []
+    real = stats.ks_pvalues
+    monkeypatch.setattr(stats, "ks_pvalues", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ctx = tiny.context(permutations=2)
+    result = NullCallback().run(ctx)
+    assert len(calls) == 1 + 2
+    p, q = ctx.null_pq()
+    assert len(calls) == 3 and q is result.objects["q"]
+    np.testing.assert_allclose(q.ravel(), false_discovery_control(p.ravel()), rtol=1e-12)

@@ -130,23 +130,11 @@ class AtlasCallback(AnalysisCallback):
         return files
 
 
-def _qvalues(ctx: AnalysisContext) -> np.ndarray:
-    """BH q-values of every (feature, class) over all F x C pairs, as the null callback computes them."""
-    from featstudy import stats
-
-    def compute() -> np.ndarray:
-        ks = ctx.ks()
-        p = np.asarray(stats.ks_pvalues(np.abs(ks.d), ks.n_in, ks.n))
-        return np.asarray(stats.bh_qvalues(p.ravel())).reshape(p.shape)
-
-    return ctx._timed("null_q", compute)
-
-
 def _auroc(ctx: AnalysisContext) -> np.ndarray | None:
     """AUROC (F, C) from the selectivity callback (in the context, else its ``arrays/selectivity.npz``), or None."""
-    cached = ctx._cache.get("auroc")
+    cached = ctx.computed("auroc")
     if cached is not None:
-        return np.asarray(cached.auroc)
+        return np.asarray(cached)
     path = ctx.output_dir / "arrays" / "selectivity.npz"
     if path.is_file():
         try:
@@ -186,7 +174,7 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
     th = ctx.thresholds(step)
     t_plus, t_minus = float(th.t_plus), float(th.t_minus)
     kept = ctx.kept(step)
-    q = _qvalues(ctx)
+    q = ctx.null_pq()[1]
     auroc = _auroc(ctx)
     pos, neg = ranked(d, t_plus, t_minus, top_k)
 

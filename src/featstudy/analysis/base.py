@@ -189,6 +189,23 @@ class AnalysisContext:
         key = f"thresholds@{step}"
         return self._timed(key, lambda: stats.thresholds(self.ks().d, self.d_random(), step=step))
 
+    def null_pq(self) -> tuple[np.ndarray, np.ndarray]:
+        """(p, q), each (F, C): analytic KS p-values of the real labels' D (:func:`featstudy.stats.ks_pvalues`) and
+        their Benjamini-Hochberg q-values over all F x C pairs; computed once for the null callback and the atlas."""
+        ks = self.ks()
+        return self._timed("null_pq", lambda: null_pq(ks.d, ks.n_in, ks.n))
+
+    def auroc(self) -> np.ndarray:
+        """(F, C) AUROC of every (feature, class) pair (:func:`featstudy.stats.class_auroc`), computed once."""
+        from featstudy import stats
+
+        return self._timed("auroc", lambda: stats.class_auroc(self.features, self.labels,
+                                                              chunk_size=self.analysis.get("chunk_size")).auroc)
+
+    def computed(self, key: str) -> Any | None:
+        """What the context already holds under ``key`` (``auroc``, ``ks``...), without computing it; None if not."""
+        return self._cache.get(key)
+
     def kept(self, step: float = 0.001) -> KeptFractions:
         """The shares of (feature, class) pairs with D > t+ or D < t- (paper §5.5, Fig. 10), real labels and
         randomized ones (over all K permutations): per layer (:func:`featstudy.stats.kept_fraction_by_layer`) and
@@ -208,6 +225,15 @@ class AnalysisContext:
 
     def seconds(self, key: str) -> float | None:
         return self._cache.get(f"{key}_seconds")
+
+
+def null_pq(d: np.ndarray, n_in: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(p, q) of one (F, C) table of signed D: analytic KS p-values of |D| (:func:`featstudy.stats.ks_pvalues`) and
+    their Benjamini-Hochberg q-values over its F x C tests (:func:`featstudy.stats.bh_qvalues`)."""
+    from featstudy import stats
+
+    p = np.asarray(stats.ks_pvalues(np.abs(d), n_in, n))
+    return p, np.asarray(stats.bh_qvalues(p.ravel())).reshape(p.shape)
 
 
 class AnalysisCallback:

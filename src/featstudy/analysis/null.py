@@ -13,9 +13,8 @@ File: ``tables/null_by_layer.csv`` (and ``tables/null_by_layer.json`` in MLflow'
 
 from __future__ import annotations
 
-import numpy as np
 
-from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult, write_table
+from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult, null_pq, write_table
 
 
 class NullCallback(AnalysisCallback):
@@ -31,16 +30,8 @@ class NullCallback(AnalysisCallback):
         self.q = float(q)
 
     def run(self, ctx: AnalysisContext) -> CallbackResult:
-        from featstudy import stats
-
         ks = ctx.ks()
-
-        def p_and_q(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """KS p-values of one (F, C) table and their BH q-values over its F x C tests."""
-            p = np.asarray(stats.ks_pvalues(np.abs(d), ks.n_in, ks.n))
-            return p, np.asarray(stats.bh_qvalues(p.ravel())).reshape(p.shape)
-
-        p, q = p_and_q(ks.d)
+        p, q = ctx.null_pq()
         significant = q < self.q
         metrics = {"null_significant_share": float(significant.mean())}
         rows = []
@@ -53,7 +44,7 @@ class NullCallback(AnalysisCallback):
         # (the mean share over permutations = all their significant pairs / all their pairs: integers, one division)
         shares_random, hits, pairs = [], 0, 0
         for d in ctx.d_random():
-            below = p_and_q(d)[1] < self.q
+            below = null_pq(d, ks.n_in, ks.n)[1] < self.q
             shares_random.append(float(below.mean()))
             hits, pairs = hits + int(below.sum()), pairs + below.size
         metrics["null_significant_share_random"] = hits / pairs

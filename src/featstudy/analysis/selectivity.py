@@ -51,8 +51,7 @@ class SelectivityCallback(AnalysisCallback):
         from featstudy import stats
 
         features, labels = ctx.features, ctx.labels
-        auroc = ctx._timed("auroc", lambda: stats.class_auroc(features, labels, chunk_size=ctx.analysis.get(
-            "chunk_size"))).auroc
+        auroc = ctx.auroc()
         sel = stats.selectivity_index(features, labels)
         classes = np.asarray(ctx.classes, dtype=object)
         abs_d = np.abs(ctx.ks().d)
