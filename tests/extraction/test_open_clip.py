@@ -30,16 +30,6 @@ def tiny_architecture(monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY, json.loads(json.dumps(TINY_CFG)))
 
 
-def _pairs_supported() -> bool:
-    from featstudy.transforms import check_preprocessing
-
-    try:
-        check_preprocessing({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
-    except ConfigError:
-        return False
-    return True
-
-
 @pytest.fixture
 def clip_file(tmp_path):
     """A whole tiny CLIP model (image and text towers, seed 7) saved as safetensors, and the model."""
@@ -53,7 +43,7 @@ def clip_file(tmp_path):
 
 
 def _spec(nodes, **kw):
-    kw.setdefault("preprocessing", None if _pairs_supported() else "torchvision")
+    kw.setdefault("preprocessing", None)
     node = {"_target_": "featstudy.models.open_clip_source.OpenClipModel", "name": TINY, "nodes": nodes,
             "weights": "random", "seed": 0, **kw}
     return models.spec(OmegaConf.create(node))
@@ -209,8 +199,7 @@ def test_pretrained_tag_found_in_the_hub_cache(clip_file, tmp_path, monkeypatch)
     fields = ms.key_fields()
     assert fields["weights"] == "tiny_tag" and fields["sha256"] == __import__("hashlib").sha256(
         path.read_bytes()).hexdigest()
-    if _pairs_supported():
-        assert ms.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    assert ms.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     model, _, digest = models.build(ms, "avg", 32)
     x = torch.randn(1, 1, 3, 32, 32)
     assert digest == fields["sha256"]
@@ -218,19 +207,15 @@ def test_pretrained_tag_found_in_the_hub_cache(clip_file, tmp_path, monkeypatch)
     _assert_close(model, {"ln_post": 64}, x, expected)
 
 
-def test_default_preprocessing_is_the_towers_own_or_refused():
+def test_default_preprocessing_is_the_towers_own():
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    if _pairs_supported():
-        ms = _spec(["ln_post"], preprocessing=None)
-        assert ms.preprocessing == {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
-        assert ms.key_fields()["preprocessing"] == ms.preprocessing
-        # an architecture whose tags all share another pair (SigLIP: Inception's 0.5 / 0.5) takes that pair
-        siglip = _spec(["trunk.norm"], name="ViT-B-16-SigLIP", preprocessing=None, token_pooling="mean")
-        assert siglip.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    else:
-        with pytest.raises(ConfigError, match=r"^model.preprocessing: open_clip's mean/std .* cannot be applied"):
-            _spec(["ln_post"], preprocessing=None)
+    ms = _spec(["ln_post"], preprocessing=None)
+    assert ms.preprocessing == {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
+    assert ms.key_fields()["preprocessing"] == ms.preprocessing
+    # an architecture whose tags all share another pair (SigLIP: Inception's 0.5 / 0.5) takes that pair
+    siglip = _spec(["trunk.norm"], name="ViT-B-16-SigLIP", preprocessing=None, token_pooling="mean")
+    assert siglip.preprocessing == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     assert _spec(["ln_post"], preprocessing="torchvision").preprocessing == "torchvision"
 
 
@@ -263,10 +248,9 @@ def test_cli_run_with_model_open_clip(tmp_path, image_folder, helpers, monkeypat
 
     path, _ = clip_file
     overrides = [o for o in helpers.tiny_overrides(tmp_path, image_folder) if not o.startswith("tracking.uri=")]
-    extra = [] if _pairs_supported() else ["model.preprocessing=torchvision"]
     rc = helpers.run_cli([*overrides, "model=open_clip", f"model.name={TINY}", f"model.weights={path}",
                           "model.nodes=[transformer.resblocks.1,ln_post]", "model.token_pooling=mean_patch",
-                          "tracking.uri=null", *extra], monkeypatch)
+                          "tracking.uri=null"], monkeypatch)
     assert rc == 0
     metas = [p for p in tmp_path.rglob("meta.json") if p.parent.parent.name == "embeddings"]
     assert len(metas) == 1
@@ -277,5 +261,4 @@ def test_cli_run_with_model_open_clip(tmp_path, image_folder, helpers, monkeypat
     fields = meta["key_fields"]["model"]
     assert fields["source"] == "open_clip" and fields["token_pooling"] == "mean_patch"
     assert meta["weights"].startswith("file:")
-    if _pairs_supported():
-        assert meta["preprocessing"]["mean"] == list(open_clip.constants.OPENAI_DATASET_MEAN)
+    assert meta["preprocessing"]["mean"] == list(open_clip.constants.OPENAI_DATASET_MEAN)

@@ -204,20 +204,14 @@ class OpenClipModel:
 
     @staticmethod
     def _preprocessing(value, own: dict | None):
-        """``model.preprocessing`` checked; None or ``open_clip`` is the tower's own mean/std pair, which needs
-        :mod:`featstudy.transforms` to take mean/std pairs (else one line: never ImageNet's in silence)."""
+        """``model.preprocessing`` checked; None or ``open_clip`` is the tower's own mean/std pair (never ImageNet's
+        in silence)."""
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         from featstudy.transforms import check_preprocessing
 
         if value is None or value == "open_clip":
-            pair = own or {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
-            try:
-                return check_preprocessing(pair)
-            except ConfigError:
-                raise ConfigError(f"model.preprocessing: open_clip's mean/std {pair} cannot be applied by this "
-                                  "featstudy.transforms (no mean/std pairs); set model.preprocessing=torchvision "
-                                  "to use ImageNet's knowingly") from None
+            return check_preprocessing(own or {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)})
         return check_preprocessing(value)
 
     def key_fields(self) -> dict:
