@@ -178,8 +178,83 @@ def check_comparable(runs: list[dict], allow_mixed: bool) -> None:
                                  "--allow-mixed")
 
 
+def run_thresholds(run: dict, rows: list[dict], npz: Path) -> tuple[float, float, str] | None:
+    """A run's (t+, t-, where from): its ``tables/table4.csv`` row; else recomputed from ``arrays/ks.npz``'s d and
+    d_random (:func:`featstudy.stats.thresholds`, Eq. 4) on the run's grid step (param
+    ``analysis.threshold_step``, 0.001 when absent); None when neither is there."""
+    for row in rows:
+        try:
+            return float(row["t_plus"]), float(row["t_minus"]), "tables/table4.csv"
+        except (KeyError, TypeError, ValueError):
+            continue
+    import numpy as np
+
+    from featstudy import stats
+
+    with np.load(npz, allow_pickle=False) as z:
+        if "d_random" not in z.files:
+            return None
+        step = float(run.get("params", {}).get("analysis.threshold_step") or 0.001)
+        th = stats.thresholds(z["d"], z["d_random"], step=step)
+    return float(th.t_plus), float(th.t_minus), f"recomputed from arrays/ks.npz (step {step:g})"
+
+
+def comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[str, list[dict]], out: Path,
+                    files: list[Path], run_id: str | None) -> Path | None:
+    """Write the cross-dataset page ``out/atlas/index.html`` (:mod:`featstudy.analysis.compare`) and return it;
+    None, with one line saying why, when it cannot be made (a run without feature names or thresholds, no feature
+    in common, a folder that cannot be written). Figures and Table 4 stay whatever happens here."""
+    import numpy as np
+
+    from featstudy.analysis.compare import CompareRun, write_compare_page
+
+    compared = []
+    for run, name in zip(runs, _display_names(runs)):
+        where = f"run {run['run_id']} ({run['dataset']})"
+        th = run_thresholds(run, tables.get(run["run_id"]) or [], npz_paths[run["run_id"]])
+        with np.load(npz_paths[run["run_id"]], allow_pickle=False) as z:
+            missing = [k for k in ("feature_names", "classes") if k not in z.files]
+            if missing or th is None:
+                why = f"arrays/ks.npz lacks {', '.join(missing)}" if missing else \
+                    "no tables/table4.csv and no d_random in arrays/ks.npz"
+                print(f"[featstudy.report] no comparison page, {where}: {why} (rerun its analysis with this version)",
+                      flush=True)
+                return None
+            s = run_settings(run)
+            compared.append(CompareRun(name, run["run_id"], z["d"], z["feature_names"].astype(str).tolist(),
+                                       z["layer_of_feature"].astype(str).tolist(), z["classes"].astype(str).tolist(),
+                                       th[0], th[1], model=s["model"], weights=s["weights"]))
+        if th[2] != "tables/table4.csv":
+            print(f"[featstudy.report] {where}: t+ {th[0]:g}, t- {th[1]:g} {th[2]}", flush=True)
+    names = set(compared[0].feature_names).intersection(*(r.feature_names for r in compared[1:]))
+    if not names:
+        print("[featstudy.report] no comparison page: the runs have no feature in common", flush=True)
+        return None
+    figures = sorted(str(f.relative_to(out)) for f in files if f.suffix == ".png" and f.parent.name == "figures")
+    try:
+        page = write_compare_page(compared, out / "atlas", figures=figures, run_id=run_id)
+    except OSError as exc:
+        print(f"[featstudy.report] no comparison page ({exc.strerror or type(exc).__name__}: "
+              f"{exc.filename or out / 'atlas'}); the figures and Table 4 stay", flush=True)
+        return None
+    print(f"[featstudy.report] comparison page: {page}", flush=True)
+    return page
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _report_tracker(args: argparse.Namespace, runs: list[dict], out: Path):
+    """The MLflow run the report is logged as (created before the comparison page, which holds its id)."""
+    from featstudy import tracking
+
+    sqlite = tracking.sqlite_path(args.tracking_uri)
+    return tracking.Tracker.create(
+        args.tracking_uri, args.experiment, str(sqlite.parent / "artifacts") if sqlite else None,
+        run_name=f"report: {', '.join(r['dataset'] for r in runs)}"[:250],
+        tags={"featstudy.role": "report", "featstudy.version": __version__,
+              "featstudy.report_runs": ",".join(r["run_id"] for r in runs), "featstudy.output_dir": str(out)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded artifact: noise
     args = parse_args(argv)
+    tracker = None
     try:
         try:
             tags = {}
@@ -213,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out).absolute() if args.out else (
             _default_root() / "outputs" / "report" / time.strftime("%Y-%m-%d_%H-%M-%S"))
         out.mkdir(parents=True, exist_ok=True)
-        arrays, tables = {}, {}
+        arrays, tables, npz_paths = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for run in runs:
                 dst = Path(tmp) / run["run_id"]
@@ -227,26 +303,31 @@ def main(argv: list[str] | None = None) -> int:
                 except KeyError as exc:
                     raise FeatstudyError(f"run {run['run_id']} ({run['dataset']}): arrays/ks.npz lacks "
                                          f"{exc.args[0]}") from exc
+                npz_paths[run["run_id"]] = kept_npz = Path(tmp) / f"{run['run_id']}.npz"
+                Path(npz).replace(kept_npz)  # kept for the comparison page (read lazily there)
                 try:
                     t4 = tracking.download_artifact(args.tracking_uri, run["run_id"], "tables/table4.csv", dst)
                     with open(t4, newline="", encoding="utf-8") as fh:
                         tables[run["run_id"]] = list(csv.DictReader(fh))
                 except Exception:  # noqa: BLE001 - the thresholds callback may have been dropped
                     tables[run["run_id"]] = []
-        files = build_report(runs, arrays, tables, out, args.formats, None if args.width == "free" else args.width)
+            files = build_report(runs, arrays, tables, out, args.formats,
+                                 None if args.width == "free" else args.width)
+            tracker = None if args.no_log else _report_tracker(args, runs, out)
+            try:
+                page = comparison_page(runs, npz_paths, tables, out, files,
+                                       tracker.run_id if tracker is not None else None)
+            except BaseException:
+                if tracker is not None:
+                    tracker.end("FAILED")
+                raise
+            if page is not None:
+                files.append(page)
     except FeatstudyError as exc:
         print(f"featstudy.report: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[featstudy.report] {len(runs)} runs ({', '.join(r['dataset'] for r in runs)}) -> {out}")
-    if not args.no_log:
-        exp = args.experiment
-        tracker = tracking.Tracker.create(
-            args.tracking_uri, exp, str(tracking.sqlite_path(args.tracking_uri).parent / "artifacts")
-            if tracking.sqlite_path(args.tracking_uri) else None,
-            run_name=f"report: {', '.join(r['dataset'] for r in runs)}"[:250],
-            tags={"featstudy.role": "report", "featstudy.version": __version__,
-                  "featstudy.report_runs": ",".join(r["run_id"] for r in runs),
-                  "featstudy.output_dir": str(out)})
+    if tracker is not None:
         status = "FAILED"
         try:
             # one param per run, also when a dataset comes twice (the run id's prefix tells them apart)

@@ -70,7 +70,8 @@ def add_run(client, exp_id, folder: Path, dataset: str, start: int, *, seed: int
     (local / "arrays").mkdir(parents=True)
     (local / "tables").mkdir()
     every = {"d": d, "layer_of_feature": layer_of, "d_random": -d[::-1], "d_plus": np.maximum(d, 0),
-             "classes": np.array([f"c{i}" for i in range(d.shape[1])]), "dataset": np.array(dataset)}
+             "classes": np.array([f"{dataset}-c{i}" for i in range(d.shape[1])]), "dataset": np.array(dataset),
+             "feature_names": np.array([f"{name}:{i % 10}" for i, name in enumerate(layer_of)])}
     if npz:
         np.savez_compressed(local / "arrays" / "ks.npz",
                             **{k: v for k, v in every.items() if k in npz_keys or k not in ("d", "layer_of_feature")})
@@ -234,7 +235,7 @@ def test_default_takes_the_latest_finished_job_run_of_each_dataset(store, tmp_pa
                  colours={"imagenet_val": "tab:blue", "cub200": "tab:green", "flowers102": "tab:green",
                           "mit67": "tab:green"})
     assert {f.relative_to(tmp_path).as_posix() for f in result} == {
-        "figures/fig5.png", "figures/fig6.png", "figures/fig8.png", "tables/table4.csv"}
+        "figures/fig5.png", "figures/fig6.png", "figures/fig8.png", "tables/table4.csv", "atlas/index.html"}
     assert all(f.stat().st_size > 1000 for f in result if f.suffix == ".png")
 
 
@@ -302,8 +303,10 @@ def test_the_report_is_logged_as_a_run_naming_the_runs_it_used(store, tmp_path, 
     assert rep.data.tags["featstudy.role"] == "report"
     assert rep.data.tags["featstudy.report_runs"] == ",".join(run.id for run in chosen)
     assert rep.data.params == {f"run.{run.dataset}": run.id for run in chosen}
-    listed = {a.path for folder in ("figures", "tables") for a in store.client.list_artifacts(rep.info.run_id, folder)}
-    assert listed == {"figures/fig5.png", "figures/fig6.png", "figures/fig8.png", "tables/table4.csv"}
+    listed = {a.path for folder in ("figures", "tables", "atlas")
+              for a in store.client.list_artifacts(rep.info.run_id, folder)}
+    assert listed == {"figures/fig5.png", "figures/fig6.png", "figures/fig8.png", "tables/table4.csv",
+                      "atlas/index.html"}
     assert f"logged as MLflow run {rep.info.run_id}" in capsys.readouterr().out
 
 

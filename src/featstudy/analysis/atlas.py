@@ -15,13 +15,13 @@ metric ``atlas_written=0``: the run's other outputs stay. See docs/atlas.md.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featstudy.analysis import page_kit
 from featstudy.analysis.base import AnalysisCallback, AnalysisContext, CallbackResult
 from featstudy.errors import ConfigError
 
@@ -218,30 +218,15 @@ def build_data(ctx: AnalysisContext, top_k: int, step: float = 0.001) -> dict:
     }
 
 
-def embed_json(data: dict) -> str:
-    """Compact JSON safe inside ``<script type="application/json">``: no ``<``, ``>`` or ``&`` survives as such
-    (``</script>`` in a name cannot close the block), nor U+2028/U+2029."""
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                    ("\u2029", "\\u2029")):
-        text = text.replace(ch, esc)
-    return text
-
-
 def render(data: dict) -> str:
     """The page: :data:`featstudy.analysis.atlas_page.TEMPLATE` with the data inlined once."""
-    from featstudy.analysis.atlas_page import DATA_MARK, TEMPLATE
+    from featstudy.analysis.atlas_page import TEMPLATE
 
-    head, tail = TEMPLATE.split(DATA_MARK)
-    return head + embed_json(data) + tail
+    return page_kit.render(TEMPLATE, data)
 
 
-def read_data(page: str | Path) -> dict:
-    """The data block of a written page, parsed back (tests, the cross-dataset report)."""
-    text = Path(page).read_text(encoding="utf-8")
-    start = text.index('<script type="application/json" id="atlas-data">') + len(
-        '<script type="application/json" id="atlas-data">')
-    return json.loads(text[start:text.index("</script>", start)])
+embed_json = page_kit.embed_json
+read_data = page_kit.read_data
 
 
 def decode_strips(data: dict) -> np.ndarray:
