@@ -40,35 +40,14 @@ def synthetic_runs(seed: int):
     return runs
 
 
-def measure(page: Path, screenshot: Path | None) -> dict:
-    from cdp import CHROMIUM, Browser
-
-    if CHROMIUM is None:
-        return {}
-    out = {}
-    with Browser() as b:
-        t0 = time.perf_counter()
-        b.goto(page.as_uri())
-        b.wait("document.body && document.body.dataset.ready === '1'", timeout=120)
-        out["index_wall_s"] = time.perf_counter() - t0
-        out["index_ready_ms"] = b.eval("window.atlasReady")
-        if screenshot:
-            b.screenshot(screenshot)
-        for hash_, kind in (("#/layer/conv5_4", "layer"), ("#/feature/9000", "feature"), ("#/dataset/1", "dataset")):
-            t0 = time.perf_counter()
-            b.eval(f"location.hash = {hash_!r}")
-            b.wait(f"document.body.dataset.route === {kind!r}")
-            out[f"{kind}_view_s"] = time.perf_counter() - t0
-        out["errors"] = list(b.errors)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--screenshot", type=Path, default=None)
     args = ap.parse_args()
+    from atlas import measure
+
     from featstudy.analysis.compare import write_compare_page
 
     runs = synthetic_runs(args.seed)
@@ -79,7 +58,8 @@ def main() -> None:
     size = page.stat().st_size
     print(f"datasets {len(runs)} ({', '.join(f'{r.name} {len(r.classes)}' for r in runs)}), features 9600")
     print(f"page {size / 2**20:.2f} MiB ({size / 25e6:.2f} of the 25 MB bound), built and written in {build_s:.1f} s")
-    for key, value in measure(page, args.screenshot).items():
+    routes = [("#/layer/conv5_4", "layer"), ("#/feature/9000", "feature"), ("#/dataset/1", "dataset")]
+    for key, value in measure(page, args.screenshot, routes).items():
         note = f" ({value / 2:.2f} of the 2 s bound)" if key == "index_wall_s" else ""
         print(f"{key}: {value if isinstance(value, list) else round(float(value), 3)}{note}")
     print(f"page: {page}")

@@ -126,6 +126,31 @@ class Browser:
     def goto(self, url: str) -> None:
         self.send("Page.navigate", {"url": url})
 
+    def open_mlflow_html_artifact(self, base: str, exp_id: str, run_id: str, path: str) -> int:
+        """Open an HTML artifact in the MLflow UI's artifact view, check that the UI shows it from a ``blob:`` URL
+        in an iframe, wait until the page inside has set ``data-ready``, and return the execution context (an
+        isolated world of that frame) to evaluate in."""
+        self.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{path}")
+        frame = self.wait("(() => { const f = document.querySelector('iframe.mlflow-html-iframe, iframe#html');"
+                          " return f && f.src; })()", timeout=90)
+        if not frame.startswith("blob:"):
+            raise AssertionError(f"the MLflow UI showed {path} from {frame}, not a blob: URL")
+        tree = self.send("Page.getFrameTree")["frameTree"]
+        child = next(c["frame"]["id"] for c in tree.get("childFrames", []) if c["frame"]["url"].startswith("blob:"))
+        world = self.send("Page.createIsolatedWorld", {"frameId": child})["executionContextId"]
+        self.wait("document.body && document.body.dataset.ready === '1'", context_id=world)
+        return world
+
+    def route_timings(self, routes: list[tuple[str, str]]) -> dict[str, float]:
+        """Seconds from setting each hash route to the page reporting it (``data-route``): ``{<kind>_view_s}``."""
+        out = {}
+        for hash_, kind in routes:
+            t0 = time.perf_counter()
+            self.eval(f"location.hash = {hash_!r}")
+            self.wait(f"document.body.dataset.route === {kind!r}")
+            out[f"{kind}_view_s"] = time.perf_counter() - t0
+        return out
+
     def screenshot(self, path: Path) -> None:
         import base64
 

@@ -5,22 +5,17 @@ Skipped where Chromium is not installed (.ci/run installs it)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from cdp import CHROMIUM, Browser
+from mlflow_ui import IFRAME_FLAGS, ui  # noqa: F401 - the fixture
 from test_atlas import HOSTILE, fake_crops, hostile_context
 
 from featstudy.analysis.atlas import AtlasCallback
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
 
-_UI = Path(__file__).resolve().parents[1] / "tracking" / "test_ui_browser.py"
-_spec = importlib.util.spec_from_file_location("atlas_ui_browser", _UI)
-ui_browser = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ui_browser)
-ui = ui_browser.ui  # the `mlflow ui` server fixture of the MLflow UI test, reused
 
 #: every image of the view displayed (they load lazily: each poll scrolls to the next one not loaded yet)
 IMAGES_OK = ("(() => { if (!document.images.length) return false;"
@@ -99,7 +94,7 @@ def test_every_view_from_disk(page):
         assert b.dialogs == [] and b.errors == [] and b.failed == []
 
 
-def test_images_inside_the_mlflow_ui(page, ui):
+def test_images_inside_the_mlflow_ui(page, ui):  # noqa: F811 - the fixture
     """The run's artifact view loads the page from a blob: URL into an iframe sandboxed to scripts: the crops still
     display (get-artifact URLs with the run id written into the page)."""
     from mlflow.tracking import MlflowClient
@@ -119,16 +114,8 @@ def test_images_inside_the_mlflow_ui(page, ui):
         else:
             client.log_artifact(run_id, str(f), str(rel.parent))
     client.set_terminated(run_id, "FINISHED")
-    flags = ["--disable-site-isolation-trials", "--disable-features=IsolateSandboxedIframes,IsolateOrigins"]
-    with Browser(extra_flags=flags) as b:
-        b.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}/artifacts/atlas/index.html")
-        frame = b.wait("(() => { const f = document.querySelector('iframe.mlflow-html-iframe, iframe#html');"
-                       " return f && f.src; })()", timeout=90)
-        assert frame.startswith("blob:")
-        tree = b.send("Page.getFrameTree")["frameTree"]
-        child = next(c["frame"]["id"] for c in tree.get("childFrames", []) if c["frame"]["url"].startswith("blob:"))
-        world = b.send("Page.createIsolatedWorld", {"frameId": child})["executionContextId"]
-        b.wait("document.body && document.body.dataset.ready === '1'", context_id=world)
+    with Browser(extra_flags=IFRAME_FLAGS) as b:
+        world = b.open_mlflow_html_artifact(base, exp_id, run_id, "atlas/index.html")
         # a fragment navigation is refused there: the links route inside the page
         b.eval("document.querySelector('#class-table a').click()", context_id=world)
         b.wait("document.body.dataset.route === 'class'", context_id=world)

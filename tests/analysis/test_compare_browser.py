@@ -5,22 +5,17 @@ Skipped where Chromium is not installed (.ci/run installs it)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from cdp import CHROMIUM, Browser
+from mlflow_ui import IFRAME_FLAGS, ui  # noqa: F401 - the fixture
 from test_compare import hand_runs
 
 from featstudy.analysis.compare import write_compare_page
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
 
-_UI = Path(__file__).resolve().parents[1] / "tracking" / "test_ui_browser.py"
-_spec = importlib.util.spec_from_file_location("compare_ui_browser", _UI)
-ui_browser = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ui_browser)
-ui = ui_browser.ui  # the `mlflow ui` server fixture of the MLflow UI test, reused
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -84,7 +79,7 @@ def test_every_view_from_disk(tmp_path):
         assert b.dialogs == [] and b.errors == [] and b.failed == []
 
 
-def test_inside_the_mlflow_ui(tmp_path, ui):
+def test_inside_the_mlflow_ui(tmp_path, ui):  # noqa: F811 - the fixture
     """Logged as a report run's artifact: the page runs from a blob: URL, routes in memory, and links the report's
     figure through get-artifact with the run id written into the page."""
     from mlflow.tracking import MlflowClient
@@ -96,16 +91,8 @@ def test_inside_the_mlflow_ui(tmp_path, ui):
     client.log_artifact(run_id, str(page), "atlas")
     client.log_artifact(run_id, str(tmp_path / "figures" / "fig5.png"), "figures")
     client.set_terminated(run_id, "FINISHED")
-    flags = ["--disable-site-isolation-trials", "--disable-features=IsolateSandboxedIframes,IsolateOrigins"]
-    with Browser(extra_flags=flags) as b:
-        b.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}/artifacts/atlas/index.html")
-        frame = b.wait("(() => { const f = document.querySelector('iframe.mlflow-html-iframe, iframe#html');"
-                       " return f && f.src; })()", timeout=90)
-        assert frame.startswith("blob:")
-        tree = b.send("Page.getFrameTree")["frameTree"]
-        child = next(c["frame"]["id"] for c in tree.get("childFrames", []) if c["frame"]["url"].startswith("blob:"))
-        world = b.send("Page.createIsolatedWorld", {"frameId": child})["executionContextId"]
-        b.wait("document.body && document.body.dataset.ready === '1'", context_id=world)
+    with Browser(extra_flags=IFRAME_FLAGS) as b:
+        world = b.open_mlflow_html_artifact(base, exp_id, run_id, "atlas/index.html")
         assert texts(b, "#dataset-table td:first-child a", world) == [EVIL, "B", "C"]
         href = b.eval("document.querySelector('#figures a').href", context_id=world)
         assert href == f"{base}/get-artifact?path=figures%2Ffig5.png&run_uuid={run_id}"
