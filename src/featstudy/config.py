@@ -170,6 +170,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("weights_preprocessing", _weights_preprocessing)
     if not OmegaConf.has_resolver("timm_preprocessing"):
         OmegaConf.register_new_resolver("timm_preprocessing", _timm_preprocessing)
+    if not OmegaConf.has_resolver("crop_default"):
+        OmegaConf.register_new_resolver("crop_default", _crop_default)
 
 
 def _weights_preprocessing(weights: Any, model_name: Any = "vgg19") -> str:
@@ -187,6 +189,15 @@ def _timm_preprocessing(model_name: Any, weights: Any = "random") -> Any:
     from featstudy.models.timm_weights import _timm_preprocessing_resolver
 
     return _timm_preprocessing_resolver(model_name, weights)
+
+
+def _crop_default(what: Any, *, _parent_: Any, _root_: Any) -> Any:
+    """``${crop_default:size|resize|interpolation}`` in ``conf/crops/*.yaml``: the crops' default from the root's
+    ``model`` (224 / 256 / bilinear for torchvision models; a timm or open_clip model's own evaluation geometry), as
+    :mod:`featstudy.models.crop_defaults` defines it, so ``--cfg job`` prints what runs."""
+    from featstudy.models.crop_defaults import _resolver
+
+    return _resolver(what, _parent_=_parent_, _root_=_root_)
 
 
 register_resolvers()

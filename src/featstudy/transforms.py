@@ -1,7 +1,9 @@
 """Image decoding, crops and normalisation (paper §3.2): PIL image -> (n_crops, 3, size, size) float32 tensor.
 
 Every image is decoded with PIL and converted with ``.convert("RGB")`` whatever its mode (L, P, RGBA, CMYK, I;16…),
-then resized on the PIL image (bilinear with antialiasing, as torchvision's weight transforms do):
+then resized on the PIL image with ``crops.interpolation`` (``bilinear``, as torchvision's weight transforms, or
+``bicubic``, as most timm and open_clip models; PIL's resampling, antialiased, as ``torchvision.transforms.Resize``
+on a PIL image):
 
 * ``crops=ten`` (the paper's): shorter side -> ``crops.resize``; the four corners and the centre at ``crops.size``
   and their horizontal mirrors (torchvision's ``TenCrop`` order).
@@ -22,7 +24,8 @@ The work is split where it is cheapest to move: the loader (CPU workers) decodes
 runs, mirroring and normalising them by table look-up. A ten-crop image crosses processes and the PCIe bus as
 0.9 MB of uint8 instead of 6 MB of float32 at 224 px. :class:`ImageTransform` is the two in a row on the CPU.
 
-The result equals torchvision's ``Resize -> TenCrop -> ToTensor -> Normalize`` bit for bit, on any device (tested).
+The result equals torchvision's ``Resize(interpolation) -> TenCrop -> ToTensor -> Normalize`` bit for bit, on any
+device (tested). The crops' numbers default to the model's own (:mod:`featstudy.models.crop_defaults`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from PIL import Image
 from featstudy.errors import ConfigError
 
 CROPS = {"ten": 10, "center": 1, "none": 1}
+#: ``crops.interpolation``: the resize's resampling filter (torchvision's ``InterpolationMode`` values)
+INTERPOLATIONS = ("bilinear", "bicubic")
 PREPROCESSING = ("torchvision", "caffe")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,18 +105,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class CropSpec:
     """``crops=ten|center|none`` (``conf/crops/*.yaml``, built by :func:`featstudy.groups.build`): the name, the
-    shorter-side resize and the crop size, validated when built (one-line errors naming ``crops.<key>``).
+    shorter-side resize, the crop size and the resize's interpolation (``bilinear`` or ``bicubic``), validated when
+    built (one-line errors naming ``crops.<key>``).
 
     ``none`` resizes the whole image to ``size`` x ``size``: its ``resize`` is unused and recorded as None."""
 
     name: str = "ten"
     resize: int | None = 256
     size: int = 224
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         name, size, resize = self.name, self.size, self.resize
         if name not in CROPS:
             raise ConfigError(f"crops.name: {name!r} is not one of {list(CROPS)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"crops.interpolation: {self.interpolation!r} is not one of {list(INTERPOLATIONS)}")
         if not _positive_int(size):
             raise ConfigError(f"crops.size: must be a positive integer, got {size!r}")
         if name == "none":
@@ -128,7 +137,17 @@ class CropSpec:
         return CROPS[self.name]
 
     def key_fields(self) -> dict:
-        return {"name": self.name, "resize": None if self.name == "none" else self.resize, "size": self.size}
+        """name, resize, size; and the interpolation only when it is not ``bilinear``, so that the keys of every
+        embedding made before the interpolation was a setting (all bilinear) are unchanged."""
+        fields = {"name": self.name, "resize": None if self.name == "none" else self.resize, "size": self.size}
+        if self.interpolation != "bilinear":
+            fields["interpolation"] = self.interpolation
+        return fields
+
+    @property
+    def interpolation_mode(self) -> TF.InterpolationMode:
+        """``crops.interpolation`` as torchvision's ``InterpolationMode`` (its values are these names)."""
+        return TF.InterpolationMode(self.interpolation)
 
 
 def _positive_int(value) -> bool:
@@ -197,12 +216,11 @@ def ship_crops(crops: CropSpec) -> int:
 
 def resize_rgb(img: Image.Image, crops: CropSpec) -> Image.Image:
     """The PIL resize of every path: shorter side -> ``crops.resize`` (or the whole image -> size x size for
-    ``crops=none``), bilinear with antialiasing, after :func:`to_rgb`."""
+    ``crops=none``) with ``crops.interpolation``, antialiased, after :func:`to_rgb`."""
     if img.mode != "RGB":
         img = to_rgb(img)
-    if crops.name == "none":
-        return TF.resize(img, [crops.size, crops.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.resize(img, crops.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    size = [crops.size, crops.size] if crops.name == "none" else crops.resize
+    return TF.resize(img, size, interpolation=crops.interpolation_mode, antialias=True)
 
 
 def uint8_crops(img: Image.Image, crops: CropSpec) -> torch.Tensor:
@@ -284,4 +302,5 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         c = self.crops
-        return f"ImageTransform(crops={c.name}, resize={c.resize}, size={c.size}, preprocessing={self.preprocessing})"
+        return (f"ImageTransform(crops={c.name}, resize={c.resize}, size={c.size}, interpolation={c.interpolation}, "
+                f"preprocessing={self.preprocessing})")

@@ -133,7 +133,8 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
         model = model.to(device)  # only to locate peaks for the figures; the numbers come from the embedding
         resize = crops.get("resize") or size
-        transform = ImageTransform(CropSpec("center", int(resize), size), ms.preprocessing)
+        interpolation = str(crops.get("interpolation", "bilinear"))  # absent from metas of bilinear crops
+        transform = ImageTransform(CropSpec("center", int(resize), size, interpolation), ms.preprocessing)
         return model.body, transform, size, int(resize)
     except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights not in the local cache
         log.warning("figures: cannot rebuild the network (%s); showing whole images instead of receptive fields",
@@ -146,6 +147,12 @@ def centre_crop_geometry(emb: Embedding) -> tuple[int, int]:
     crops = emb.meta.get("crops") or {}
     size = int(crops.get("size", 224))
     return int(crops.get("resize") or size), size
+
+
+def crop_interpolation(emb: Embedding) -> str:
+    """The extraction's ``crops.interpolation``, with which the figures resize too: ``bilinear`` when the meta
+    names none (metas of bilinear crops, and every meta written before it was a setting)."""
+    return str((emb.meta.get("crops") or {}).get("interpolation", "bilinear"))
 
 
 def peak_positions(emb: Embedding, images: list[Any], requests: list[tuple[int, str, int]],

@@ -97,8 +97,9 @@ def _thumb(img: Any, box: tuple[int, int, int, int] | None = None) -> np.ndarray
     return np.asarray(img)
 
 
-def _center_square(img: Any, size: int, resize: int | None = None) -> Any:
-    """Shorter side -> ``resize`` (default ``size``), then the centre ``size`` x ``size`` crop (as extraction).
+def _center_square(img: Any, size: int, resize: int | None = None, interpolation: str = "bilinear") -> Any:
+    """Shorter side -> ``resize`` (default ``size``) with ``interpolation`` (the extraction's ``crops.interpolation``),
+    then the centre ``size`` x ``size`` crop (as extraction).
 
     torchvision's own resize and centre crop, as :class:`featstudy.transforms.ImageTransform` uses them: the longer
     side is truncated (``int``), the offset is ``round((w - size) / 2)``, so the square is the pixels the network saw
@@ -106,7 +107,7 @@ def _center_square(img: Any, size: int, resize: int | None = None) -> Any:
     """
     import torchvision.transforms.functional as TF
 
-    img = TF.resize(img, resize or size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    img = TF.resize(img, resize or size, interpolation=TF.InterpolationMode(interpolation), antialias=True)
     return TF.center_crop(img, [size, size])
 
 
@@ -154,6 +155,7 @@ class ImageSource:
         from featstudy.analysis import image_io
 
         resize, size = image_io.centre_crop_geometry(self.source)
+        interpolation = image_io.crop_interpolation(self.source)
         rows = {name: self.top_rows(name, n) for name in feature_names}
         unique = sorted({r for rs in rows.values() for r in rs})
         opened = {r: self._open(self.source, r) for r in unique}
@@ -178,7 +180,7 @@ class ImageSource:
                 if img is None:
                     cells.append(None)
                     continue
-                square = _center_square(img, size, resize)
+                square = _center_square(img, size, resize, interpolation)
                 pos = (peaks or {}).get((index[r], layer, channel))
                 cells.append(_thumb(square, rf_box(layer, pos[0], pos[1], size) if pos else None))
             out[name] = cells

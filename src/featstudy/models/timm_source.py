@@ -147,7 +147,8 @@ class TimmModel:
     def data_config(self) -> dict:
         """timm's data configuration of the model (of its weights' tag): ``input_size``, ``interpolation``,
         ``mean``, ``std``, ``crop_pct``, ``crop_mode``. featstudy takes ``mean``/``std`` as the default
-        preprocessing; the crops stay ``crops.*`` (docs/extraction.md: the mapping)."""
+        preprocessing, and ``input_size``, ``crop_pct`` and ``interpolation`` as the crops' defaults
+        (:mod:`featstudy.models.crop_defaults`)."""
         return _timm_weights.timm_data_config(self.name, self.tag)
 
     def key_fields(self) -> dict:
