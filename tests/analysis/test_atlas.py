@@ -140,6 +140,7 @@ def test_hostile_names_stay_data(tmp_path, tiny):
     ({"jpeg_quality": 100}, "analysis.callbacks.atlas.jpeg_quality"),
     ({"crop_px": True}, "analysis.callbacks.atlas.crop_px"),
     ({"step": 2}, "analysis.callbacks.atlas.step"),
+    ({"crops_of": "shown"}, "analysis.callbacks.atlas.crops_of"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
@@ -176,6 +177,17 @@ def test_crops_once_per_feature_shown(tiny, monkeypatch):
     with Image.open(img / f"f{shown[0]}_0.jpg") as im:
         assert im.format == "JPEG" and im.size == (40, 40)
     assert result.metrics["atlas_crops"] == 2 * len(shown)
+
+
+def test_crops_of_all_gives_every_feature_its_images(tiny, monkeypatch):
+    calls: list[str] = []
+    fake_crops(monkeypatch, calls)
+    result = AtlasCallback(crops_per_feature=2, crops_of="all").run(tiny.context())
+    assert sorted(calls) == sorted(tiny.feature_names)  # also the features no class view lists
+    n = len(tiny.feature_names)
+    assert result.objects["data"]["crops"] == {str(j): 2 for j in range(n)}
+    assert sorted(p.name for p in (tiny.out / "atlas" / "img").iterdir()) == sorted(
+        f"f{j}_{k}.jpg" for j in range(n) for k in range(2))
 
 
 def test_crops_that_fail_leave_the_page(tiny, monkeypatch, caplog):

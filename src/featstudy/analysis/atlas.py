@@ -54,16 +54,23 @@ class AtlasCallback(AnalysisCallback):
         Side of a crop in pixels.
     step : float
         Grid step of the thresholds (same as the thresholds callback).
+    crops_of : str
+        ``listed``: crops for the features the class views list (each once); ``all``: for every feature, so that
+        every feature view shows its images (F x ``crops_per_feature`` files: 38,400 for VGG19 at 4).
     """
 
     name = "atlas"
 
     def __init__(self, top_k: int = 32, crops_per_feature: int = 4, jpeg_quality: int = 80, crop_px: int = 96,
-                 step: float = 0.001, **unknown: Any):
+                 step: float = 0.001, crops_of: str = "listed", **unknown: Any):
         if unknown:
             key = min(unknown)
             raise ConfigError(f"analysis.callbacks.atlas.{key}: unknown key; known: top_k, crops_per_feature, "
-                              "jpeg_quality, crop_px, step")
+                              "jpeg_quality, crop_px, step, crops_of")
+        if crops_of not in ("listed", "all"):
+            raise ConfigError(f"analysis.callbacks.atlas.crops_of={crops_of!r}: must be listed (the features the "
+                              "class views list) or all (every feature)")
+        self.crops_of = crops_of
         self.top_k = _positive_int("top_k", top_k, 1)
         self.crops_per_feature = _positive_int("crops_per_feature", crops_per_feature, 0, 64)
         self.jpeg_quality = _positive_int("jpeg_quality", jpeg_quality, 1, 95)
@@ -97,10 +104,13 @@ class AtlasCallback(AnalysisCallback):
                                                                                           "crops": files})
 
     def _crops(self, ctx: AnalysisContext, data: dict, img_dir: Path) -> list[Path]:
-        """The crops of every feature the class lists show, written once each as ``img/f<j>_<k>.jpg``; their
-        count per feature goes into ``data["crops"]``."""
+        """The crops of every feature the class lists show (``crops_of=all``: of every feature), written once each as
+        ``img/f<j>_<k>.jpg``; their count per feature goes into ``data["crops"]``."""
         img_dir.mkdir(parents=True, exist_ok=True)
-        shown = sorted({int(e[0]) for lists in (data["pos"], data["neg"]) for entries in lists for e in entries})
+        if self.crops_of == "all":
+            shown = list(range(len(data["features"])))
+        else:
+            shown = sorted({int(e[0]) for lists in (data["pos"], data["neg"]) for entries in lists for e in entries})
         if self.crops_per_feature == 0 or not shown:
             return []
         from PIL import Image
