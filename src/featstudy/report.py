@@ -5,6 +5,8 @@
 * ``fig8``: the same with ImageNet (``imagenet_val``) in blue and the other datasets in green (Figure 8); only
   when an ImageNet run is among the chosen ones.
 * ``tables/table4.csv``: t+, d_avg(t+), t-, d_avg(t-) for every dataset (Table 4).
+* ``atlas/index.html``: one self-contained page of the features shared by all datasets, specific to one, in some or
+  in none, per layer, each run with its own t+/t- (:mod:`featstudy.analysis.compare`; docs/atlas.md).
 
 Runs are chosen with ``--runs ID ...`` or, by default, the latest FINISHED job run of each dataset in the
 experiment (``--datasets`` narrows that). The report itself is logged as a run (tag ``featstudy.role=report``)
