@@ -106,36 +106,80 @@ def release_network() -> None:
         torch.cuda.empty_cache()
 
 
+def model_source(emb: Embedding) -> str:
+    """The embedding's model source (``torchvision``, ``timm``, ``open_clip``) from its key fields."""
+    return str(((emb.meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision"))
+
+
+#: measured receptive fields of timm embeddings' spatial maps, by embedding folder (kept after release_network)
+_FIELDS: dict[str, dict] = {}
+
+
+def timm_receptive_fields(emb: Embedding) -> dict[str, Any]:
+    """``{node: (rows, cols)}`` of a timm embedding's 4-D nodes (:func:`featstudy.models.receptive_field.
+    receptive_boxes`), measured when :func:`peak_positions` rebuilt its network; {} before or without it."""
+    return _FIELDS.get(str(emb.path), {})
+
+
+def _spec_of(meta: dict, source: str) -> Any:
+    """The model spec of the embedding's network, rebuilt from its meta (weights: the seed, the file or the tag)."""
+    from featstudy import models
+
+    kind = meta.get("weights_source")
+    if kind == "random":
+        weights = "random"
+    elif kind == "timm":  # the tag (timm:<tag>), loaded by timm from the local cache as for the extraction
+        weights = meta.get("weights")
+    else:
+        weights = meta.get("weights_path") or meta.get("weights")
+    if source == "timm":
+        from featstudy.models.timm_source import TimmModel
+
+        fields = (meta.get("key_fields") or {}).get("model") or {}
+        return TimmModel(name=fields.get("name", meta.get("model")), nodes=list((meta.get("nodes") or {}).keys()),
+                         token_pooling=fields.get("token_pooling", "cls"), weights=weights,
+                         seed=meta.get("weights_seed") or 0, preprocessing=meta.get("preprocessing"),
+                         kwargs=fields.get("kwargs"))
+    name = meta.get("model", "vgg19")
+    return models.TorchvisionModel(name=name, weights=weights, seed=meta.get("weights_seed") or 0,
+                                   preprocessing=meta.get("preprocessing", "torchvision"),
+                                   nodes=None if name == "vgg19" else list((meta.get("nodes") or {}).keys()))
+
+
 @lru_cache(maxsize=2)
 def _network(emb_path: str, device: str = "cpu") -> Any | None:
-    """(feature extractor body, transform) rebuilt from the embedding's meta on ``device``, or None. Cached until
-    :func:`release_network`."""
+    """(body, transform, size, resize) rebuilt from the embedding's meta on ``device``, or None; ``body`` maps
+    crops to ``{layer: map}``. Cached until :func:`release_network`. For ``model=timm`` the body gives the 4-D
+    nodes (:class:`featstudy.models.receptive_field.SpatialMaps`), whose receptive fields are measured here once,
+    on the CPU (:func:`timm_receptive_fields`)."""
     import json
 
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
     source = ((meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision")
-    if source != "torchvision":  # model=timm: peaks in token maps are not located yet (whole images are shown)
-        log.info("figures: receptive fields are drawn for torchvision models only; %s is a %s model",
+    if source not in ("torchvision", "timm"):  # open_clip: whole images
+        log.info("figures: receptive fields are drawn for torchvision and timm models; %s is a %s model",
                  meta.get("model"), source)
         return None
     try:
         from featstudy import models
         from featstudy.transforms import CropSpec, ImageTransform
 
-        source = meta.get("weights_source")
-        weights = "random" if source == "random" else (meta.get("weights_path") or meta.get("weights"))
-        name = meta.get("model", "vgg19")
-        ms = models.TorchvisionModel(name=name, weights=weights, seed=meta.get("weights_seed") or 0,
-                                     preprocessing=meta.get("preprocessing", "torchvision"),
-                                     nodes=None if name == "vgg19" else list((meta.get("nodes") or {}).keys()))
+        ms = _spec_of(meta, source)
         crops = meta.get("crops") or {}
         size = int(crops.get("size", 224))
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
+        if source == "timm":
+            from featstudy.models.receptive_field import SpatialMaps, receptive_boxes
+
+            model = SpatialMaps(model.body, model.layout).eval()
+            _FIELDS[emb_path] = receptive_boxes(model, size)  # on the CPU, before the move (module docstring)
+        else:
+            model = model.body
         model = model.to(device)  # only to locate peaks for the figures; the numbers come from the embedding
         resize = crops.get("resize") or size
         interpolation = str(crops.get("interpolation", "bilinear"))  # absent from metas of bilinear crops
         transform = ImageTransform(CropSpec("center", int(resize), size, interpolation), ms.preprocessing)
-        return model.body, transform, size, int(resize)
+        return model, transform, size, int(resize)
     except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights not in the local cache
         log.warning("figures: cannot rebuild the network (%s); showing whole images instead of receptive fields",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

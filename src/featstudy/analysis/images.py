@@ -8,7 +8,9 @@ analysed dataset.
 Receptive fields: for a conv feature, the crop is the receptive field (paper Fig. 2) of the position where the
 feature's map peaks in the centre crop, computed from VGG19's layer geometry (:func:`receptive_fields`, owned by
 :mod:`featstudy.models.vgg19`) when the network can be rebuilt from the embedding's meta
-(:mod:`featstudy.extraction`); fc features see the whole image.
+(:mod:`featstudy.extraction`); fc features see the whole image. For ``model=timm`` the receptive field of every
+position of a 4-D node is measured on the rebuilt network (:mod:`featstudy.models.receptive_field`); token
+features see the whole image.
 """
 
 from __future__ import annotations
@@ -161,16 +163,18 @@ class ImageSource:
         opened = {r: self._open(self.source, r) for r in unique}
         index = {r: i for i, r in enumerate(unique)}
         images = [opened[r] for r in unique]
+        timm = image_io.model_source(self.source) == "timm"  # its 4-D nodes are known once the network is built
         requests = []
         for name, rs in rows.items():
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
-            if layer in receptive_fields():
+            if timm or layer in receptive_fields():
                 requests += [(index[r], layer, channel) for r in rs if opened[r] is not None]
         try:  # the network runs where trainer.accelerator says, and is released once the peaks are found
             peaks = image_io.peak_positions(self.source, images, requests, accelerator=self._accelerator()) \
                 if requests else {}
         finally:
             image_io.release_network()
+        measured = image_io.timm_receptive_fields(self.source) if timm else {}
         out = {}
         for name, rs in rows.items():
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
@@ -182,9 +186,20 @@ class ImageSource:
                     continue
                 square = _center_square(img, size, resize, interpolation)
                 pos = (peaks or {}).get((index[r], layer, channel))
-                cells.append(_thumb(square, rf_box(layer, pos[0], pos[1], size) if pos else None))
+                cells.append(_thumb(square, None if pos is None else self._box(layer, pos, size, measured)))
             out[name] = cells
         return out
+
+
+    @staticmethod
+    def _box(layer: str, pos: tuple[int, int], size: int, measured: dict) -> tuple[int, int, int, int] | None:
+        """The receptive field of map position ``pos`` of ``layer`` on the ``size`` px square: measured for a timm
+        node (:func:`featstudy.models.receptive_field.box`), VGG19's geometry otherwise (:func:`rf_box`)."""
+        if measured:
+            from featstudy.models.receptive_field import box
+
+            return box(measured[layer], *pos) if layer in measured else None
+        return rf_box(layer, pos[0], pos[1], size)
 
 
 def activation_source(ctx: Any) -> ImageSource:
