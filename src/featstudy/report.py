@@ -155,12 +155,15 @@ COMPARED = ("model", "weights", "crops", "pooling", "bins")
 
 def run_settings(run: dict) -> dict[str, str]:
     """The settings a report compares, from a run's params and tags: model, weights (the resolved ``weights``
-    tag), crops (``ten 256/224``), pooling, bins (``exact`` for ``analysis.bins=null``); ``?`` where unknown."""
+    tag), crops (``ten 256/224``; ``ten 248/224 bicubic`` when not bilinear), pooling, bins (``exact`` for
+    ``analysis.bins=null``); ``?`` where unknown."""
     p, t = run.get("params", {}), run.get("tags", {})
     crops = p.get("crops.name")
     if crops and p.get("crops.size"):
         crops += f" {p['crops.resize']}/{p['crops.size']}" if p.get("crops.resize") not in (None, "null", "None") \
             else f" {p['crops.size']}"
+        if p.get("crops.interpolation") not in (None, "bilinear"):  # runs before the setting were all bilinear
+            crops += f" {p['crops.interpolation']}"
     bins = p.get("analysis.bins")
     return {"model": p.get("model.name") or "?", "weights": t.get("weights") or p.get("model.weights") or "?",
             "crops": crops or "?", "pooling": p.get("pooling.name") or "?",

@@ -438,3 +438,17 @@ def test_the_cross_dataset_table4_shows_the_bootstrap_intervals_where_a_run_has_
                       "t_minus_ci_high", "run_id"]
     assert rows[0] == {**with_ci, "run_id": "r1"}
     assert rows[1]["t_plus_ci_low"] == "" and rows[1]["t_plus"] == "0.17"
+
+
+def test_crops_name_their_interpolation_and_differing_ones_are_refused():
+    """Runs before crops.interpolation existed (no param) and bilinear runs read the same; bicubic differs."""
+    base = {"crops.name": "ten", "crops.resize": "256", "crops.size": "224"}
+    old = {"run_id": "a" * 32, "dataset": "cub200", "params": dict(base)}
+    bilinear = {"run_id": "b" * 32, "dataset": "mit67", "params": {**base, "crops.interpolation": "bilinear"}}
+    bicubic = {"run_id": "c" * 32, "dataset": "flowers102",
+               "params": {**base, "crops.resize": "248", "crops.interpolation": "bicubic"}}
+    assert report.run_settings(old)["crops"] == report.run_settings(bilinear)["crops"] == "ten 256/224"
+    assert report.run_settings(bicubic)["crops"] == "ten 248/224 bicubic"
+    report.check_comparable([old, bilinear], allow_mixed=False)
+    with pytest.raises(report.FeatstudyError, match="differ in crops"):
+        report.check_comparable([old, bicubic], allow_mixed=False)
