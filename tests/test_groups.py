@@ -27,7 +27,7 @@ CLASSES = {
     ("dataset", "digits"): "Digits",
     ("crops", "ten"): "CropSpec", ("crops", "center"): "CropSpec", ("crops", "none"): "CropSpec",
     ("pooling", "avg"): "Pooling", ("pooling", "max"): "Pooling",
-    ("model", "vgg19"): "TorchvisionModel",
+    ("model", "vgg19"): "TorchvisionModel", ("model", "timm"): "TimmModel", ("model", "open_clip"): "OpenClipModel",
 }
 
 
