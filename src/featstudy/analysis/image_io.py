@@ -111,14 +111,22 @@ def model_source(emb: Embedding) -> str:
     return str(((emb.meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision"))
 
 
-#: measured receptive fields of timm embeddings' spatial maps, by embedding folder (kept after release_network)
+#: the sources whose 4-D nodes get measured receptive fields (:class:`featstudy.models.receptive_field.SpatialMaps`)
+MEASURED = ("timm", "open_clip")
+
+#: measured receptive fields of timm and open_clip embeddings' spatial maps, by embedding folder (kept after
+#: release_network)
 _FIELDS: dict[str, dict] = {}
 
 
-def timm_receptive_fields(emb: Embedding) -> dict[str, Any]:
-    """``{node: (rows, cols)}`` of a timm embedding's 4-D nodes (:func:`featstudy.models.receptive_field.
-    receptive_boxes`), measured when :func:`peak_positions` rebuilt its network; {} before or without it."""
+def measured_receptive_fields(emb: Embedding) -> dict[str, Any]:
+    """``{node: (rows, cols)}`` of a timm or open_clip embedding's 4-D nodes (:func:`featstudy.models.
+    receptive_field.receptive_boxes`), measured when :func:`peak_positions` rebuilt its network; {} before or
+    without it (and for a tower without 4-D nodes, e.g. an open_clip ViT read at its blocks)."""
     return _FIELDS.get(str(emb.path), {})
+
+
+timm_receptive_fields = measured_receptive_fields  # its first name, when only timm maps were measured
 
 
 def _spec_of(meta: dict, source: str) -> Any:
@@ -128,10 +136,17 @@ def _spec_of(meta: dict, source: str) -> Any:
     kind = meta.get("weights_source")
     if kind == "random":
         weights = "random"
-    elif kind == "timm":  # the tag (timm:<tag>), loaded by timm from the local cache as for the extraction
+    elif kind in ("timm", "open_clip"):  # the tag (timm:<tag>, an open_clip tag), found in the local cache again
         weights = meta.get("weights")
     else:
         weights = meta.get("weights_path") or meta.get("weights")
+    if source == "open_clip":  # the image tower alone, from open_clip's architecture config of the recorded name
+        from featstudy.models.open_clip_source import OpenClipModel
+
+        fields = (meta.get("key_fields") or {}).get("model") or {}
+        return OpenClipModel(name=fields.get("name", meta.get("model")), nodes=list((meta.get("nodes") or {}).keys()),
+                             token_pooling=fields.get("token_pooling", "cls"), weights=weights,
+                             seed=meta.get("weights_seed") or 0, preprocessing=meta.get("preprocessing"))
     if source == "timm":
         from featstudy.models.timm_source import TimmModel
 
@@ -149,15 +164,15 @@ def _spec_of(meta: dict, source: str) -> Any:
 @lru_cache(maxsize=2)
 def _network(emb_path: str, device: str = "cpu") -> Any | None:
     """(body, transform, size, resize) rebuilt from the embedding's meta on ``device``, or None; ``body`` maps
-    crops to ``{layer: map}``. Cached until :func:`release_network`. For ``model=timm`` the body gives the 4-D
-    nodes (:class:`featstudy.models.receptive_field.SpatialMaps`), whose receptive fields are measured here once,
-    on the CPU (:func:`timm_receptive_fields`)."""
+    crops to ``{layer: map}``. Cached until :func:`release_network`. For ``model=timm`` and ``model=open_clip``
+    the body gives the 4-D nodes (:class:`featstudy.models.receptive_field.SpatialMaps`), whose receptive fields
+    are measured here once, on the CPU (:func:`measured_receptive_fields`)."""
     import json
 
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
     source = ((meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision")
-    if source not in ("torchvision", "timm"):  # open_clip: whole images
-        log.info("figures: receptive fields are drawn for torchvision and timm models; %s is a %s model",
+    if source not in ("torchvision", *MEASURED):
+        log.info("figures: receptive fields are drawn for torchvision, timm and open_clip models; %s is a %s model",
                  meta.get("model"), source)
         return None
     try:
@@ -168,7 +183,7 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
         crops = meta.get("crops") or {}
         size = int(crops.get("size", 224))
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
-        if source == "timm":
+        if source in MEASURED:
             from featstudy.models.receptive_field import SpatialMaps, receptive_boxes
 
             model = SpatialMaps(model.body, model.layout).eval()

@@ -8,9 +8,10 @@ analysed dataset.
 Receptive fields: for a conv feature, the crop is the receptive field (paper Fig. 2) of the position where the
 feature's map peaks in the centre crop, computed from VGG19's layer geometry (:func:`receptive_fields`, owned by
 :mod:`featstudy.models.vgg19`) when the network can be rebuilt from the embedding's meta
-(:mod:`featstudy.extraction`); fc features see the whole image. For ``model=timm`` the receptive field of every
-position of a 4-D node is measured on the rebuilt network (:mod:`featstudy.models.receptive_field`); token
-features see the whole image.
+(:mod:`featstudy.extraction`); fc features see the whole image. For ``model=timm`` and ``model=open_clip`` the
+receptive field of every position of a 4-D node is measured on the rebuilt network
+(:mod:`featstudy.models.receptive_field`); token and flat features (an open_clip ViT's blocks, a ResNet tower's
+attention pool) see the whole image.
 """
 
 from __future__ import annotations
@@ -163,18 +164,18 @@ class ImageSource:
         opened = {r: self._open(self.source, r) for r in unique}
         index = {r: i for i, r in enumerate(unique)}
         images = [opened[r] for r in unique]
-        timm = image_io.model_source(self.source) == "timm"  # its 4-D nodes are known once the network is built
+        measure = image_io.model_source(self.source) in image_io.MEASURED  # 4-D nodes known once the net is built
         requests = []
         for name, rs in rows.items():
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
-            if timm or layer in receptive_fields():
+            if measure or layer in receptive_fields():
                 requests += [(index[r], layer, channel) for r in rs if opened[r] is not None]
         try:  # the network runs where trainer.accelerator says, and is released once the peaks are found
             peaks = image_io.peak_positions(self.source, images, requests, accelerator=self._accelerator()) \
                 if requests else {}
         finally:
             image_io.release_network()
-        measured = image_io.timm_receptive_fields(self.source) if timm else {}
+        measured = image_io.measured_receptive_fields(self.source) if measure else {}
         out = {}
         for name, rs in rows.items():
             layer, channel = name.rsplit(":", 1)[0], int(name.rsplit(":", 1)[1])
@@ -193,8 +194,8 @@ class ImageSource:
 
     @staticmethod
     def _box(layer: str, pos: tuple[int, int], size: int, measured: dict) -> tuple[int, int, int, int] | None:
-        """The receptive field of map position ``pos`` of ``layer`` on the ``size`` px square: measured for a timm
-        node (:func:`featstudy.models.receptive_field.box`), VGG19's geometry otherwise (:func:`rf_box`)."""
+        """The receptive field of map position ``pos`` of ``layer`` on the ``size`` px square: measured for a timm or
+        open_clip node (:func:`featstudy.models.receptive_field.box`), VGG19's geometry otherwise (:func:`rf_box`)."""
         if measured:
             from featstudy.models.receptive_field import box
 

@@ -38,8 +38,9 @@ class _Done(Exception):
 
 class SpatialMaps(nn.Module):
     """(N, 3, S, S) -> ``{node: (N, C, H, W)}`` for the nodes of ``layout`` that are 4-D maps (``NCHW``, or
-    ``NHWC`` permuted to NCHW), read with forward hooks on ``body`` (a timm model); the forward pass stops after the
-    last one."""
+    ``NHWC`` permuted to NCHW), read with forward hooks on ``body`` (a timm model or an open_clip image tower); the
+    forward pass stops after the last one. Each map is copied when read: a later in-place operation (an inplace
+    ReLU, a residual ``out += identity`` as in open_clip's ModifiedResNet) would otherwise change it."""
 
     def __init__(self, body: nn.Module, layout: dict[str, str]):
         super().__init__()
@@ -50,7 +51,7 @@ class SpatialMaps(nn.Module):
         got: dict[str, torch.Tensor] = {}
 
         def read(name: str, out: torch.Tensor) -> None:
-            got[name] = out.permute(0, 3, 1, 2) if self.layout[name] == "NHWC" else out
+            got[name] = (out.permute(0, 3, 1, 2) if self.layout[name] == "NHWC" else out).clone()
             if len(got) == len(self.layout):
                 raise _Done
 
