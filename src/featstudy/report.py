@@ -187,11 +187,15 @@ def run_thresholds(run: dict, rows: list[dict], npz: Path) -> tuple[float, float
     """A run's (t+, t-, where from): its ``tables/table4.csv`` row; else recomputed from ``arrays/ks.npz``'s d and
     d_random (:func:`featstudy.stats.thresholds`, Eq. 4) on the run's grid step (param
     ``analysis.threshold_step``, 0.001 when absent); None when neither is there."""
+    import math
+
     for row in rows:
         try:
-            return float(row["t_plus"]), float(row["t_minus"]), "tables/table4.csv"
+            t_plus, t_minus = float(row["t_plus"]), float(row["t_minus"])
         except (KeyError, TypeError, ValueError):
             continue
+        if math.isfinite(t_plus) and math.isfinite(t_minus):  # "nan" / "inf" parse, but are no thresholds
+            return t_plus, t_minus, "tables/table4.csv"
     import numpy as np
 
     from featstudy import stats
@@ -208,7 +212,20 @@ def comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[s
                     files: list[Path], run_id: str | None) -> Path | None:
     """Write the cross-dataset page ``out/atlas/index.html`` (:mod:`featstudy.analysis.compare`) and return it;
     None, with one line saying why, when it cannot be made (a run without feature names or thresholds, no feature
-    in common, a folder that cannot be written). Figures and Table 4 stay whatever happens here."""
+    in common, a folder that cannot be written, arrays that do not fit). Figures and Table 4 stay whatever happens
+    here."""
+    try:
+        return _comparison_page(runs, npz_paths, tables, out, files, run_id)
+    except OSError as exc:
+        why = f"{exc.strerror or type(exc).__name__}: {exc.filename or out / 'atlas'}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a corrupt npz, d_random not shaped as d: the rest is kept
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+    print(f"[featstudy.report] no comparison page ({why}); the figures and Table 4 stay", flush=True)
+    return None
+
+
+def _comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[str, list[dict]], out: Path,
+                     files: list[Path], run_id: str | None) -> Path | None:
     import numpy as np
 
     from featstudy.analysis.compare import CompareRun, write_compare_page
@@ -236,12 +253,7 @@ def comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[s
         print("[featstudy.report] no comparison page: the runs have no feature in common", flush=True)
         return None
     figures = sorted(str(f.relative_to(out)) for f in files if f.suffix == ".png" and f.parent.name == "figures")
-    try:
-        page = write_compare_page(compared, out / "atlas", figures=figures, run_id=run_id)
-    except OSError as exc:
-        print(f"[featstudy.report] no comparison page ({exc.strerror or type(exc).__name__}: "
-              f"{exc.filename or out / 'atlas'}); the figures and Table 4 stay", flush=True)
-        return None
+    page = write_compare_page(compared, out / "atlas", figures=figures, run_id=run_id)
     print(f"[featstudy.report] comparison page: {page}", flush=True)
     return page
 

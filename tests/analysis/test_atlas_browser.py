@@ -74,8 +74,9 @@ def test_every_view_from_disk(page):
         assert b.eval("[...document.querySelectorAll('#irrelevant a')].map(a => a.textContent)") == ["conv1_1:2"]
         _route(b, "#/layer/fc7", "layer")
         assert b.eval("[...document.querySelectorAll('#irrelevant a')].map(a => a.textContent)") == ["fc7:1", "fc7:2"]
-        _route(b, "#/class/99", "class")
-        assert b.eval("document.querySelector('h1').textContent") == "Not found"
+        for bad in ("#/class/99", "#/class/", "#/class/0.5", "#/feature/-1"):
+            _route(b, bad, bad.split("/")[1])
+            assert b.eval("document.querySelector('h1').textContent") == "Not found"
         # search: a class by part of its (hostile) name, a feature by part of its name, a layer
         b.eval("const s = document.getElementById('search'); s.value = 'ONERROR';"
                "s.dispatchEvent(new Event('input'))")

@@ -7,6 +7,7 @@ recomputed by Eq. 4 with oracle.py when a run has no table; the page logged as t
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -54,8 +55,8 @@ def test_hand_table_categories_counts_and_layers():
     assert data["n_pos"] == [[1, 0, 0, 0, 2, 0], [1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0]]
     assert data["n_neg"] == [[0, 0, 1, 0, 0, 0], [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]]
     assert [ds["described"] for ds in data["datasets"]] == [3, 2, 2]
-    # kept pairs over the compared features: A 4 of 12, B 3 of 18, C 3 of 12
-    assert [ds["kept"] for ds in data["datasets"]] == [round(4 / 12, 6), round(3 / 18, 6), 0.25]
+    # kept pairs over all the run's features: A 4 of 12, B 3 + 3 (L3:0, not compared) of 21, C 3 of 12
+    assert [ds["kept"] for ds in data["datasets"]] == [round(4 / 12, 6), round(6 / 21, 6), 0.25]
     assert [ds["n_features"] for ds in data["datasets"]] == [6, 7, 6]
     # top classes: by decreasing D above t+, by increasing D below t-
     assert data["tpos"][0][4] == [1, 0.9, 0, 0.35]
@@ -154,11 +155,47 @@ def test_page_escapes_hostile_names_and_reads_back(tmp_path):
     json.dumps(data, allow_nan=False)
 
 
-def test_nan_d_is_not_a_description_and_stays_valid_json():
-    d = np.array([[np.nan, 0.8], [np.nan, np.nan]])
-    data = build_compare_data([CompareRun("X", "r", d, ["L:0", "L:1"], ["L", "L"], ["a", "b"], 0.5, -0.5)])
-    assert data["n_pos"] == [[1, 0]] and data["category"] == [0, -1]
+def test_nan_d_is_not_a_description_nor_an_extreme_and_stays_valid_json():
+    d = np.array([[np.nan, 0.8], [np.nan, np.nan], [-0.5, np.nan]])
+    data = build_compare_data([CompareRun("X", "r", d, ["L:0", "L:1", "L:2"], ["L"] * 3, ["a", "b"], 0.5, -0.45)])
+    assert data["n_pos"] == [[1, 0, 0]] and data["n_neg"] == [[0, 0, 1]] and data["category"] == [0, -1, 0]
+    assert data["dmax"] == [[0.8, None, -0.5]] and data["amax"] == [[1, None, 0]]
+    assert data["dmin"] == [[0.8, None, -0.5]] and data["amin"] == [[1, None, 0]]
     json.dumps(data, allow_nan=False)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"feature_names": ["L:0", "L:0"]}, "'L:0' comes twice"),
+    ({"d": np.zeros((2, 0)), "classes": []}, "shape (2, 0)"),
+    ({"d": np.zeros((2, 3))}, "for 2 classes"),
+    ({"t_plus": float("nan")}, "not finite"),
+])
+def test_inputs_that_cannot_be_compared_are_refused(change, message):
+    fields = {"name": "X", "run_id": "r", "d": np.array([[0.9, 0.0], [0.1, 0.0]]), "feature_names": ["L:0", "L:1"],
+              "layer_of_feature": ["L", "L"], "classes": ["a", "b"], "t_plus": 0.5, "t_minus": -0.5}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_compare_data([CompareRun(**{**fields, **change})])
+
+
+def test_nonfinite_table_thresholds_are_recomputed_and_a_bad_npz_is_one_line(tmp_path, capsys):
+    from featstudy import report
+
+    rng = np.random.default_rng(5)
+    d, d_random = np.round(rng.uniform(-1, 1, (6, 3)), 2), np.round(rng.uniform(-0.5, 0.5, (2, 6, 3)), 2)
+    npz = tmp_path / "ks.npz"
+    np.savez(npz, d=d, d_random=d_random)
+    want = oracle_thresholds(d, d_random, step=0.01)
+    got = report.run_thresholds({"params": {"analysis.threshold_step": "0.01"}},
+                                [{"t_plus": "nan", "t_minus": "-inf"}], npz)
+    assert got[:2] == (pytest.approx(want["t_plus"], abs=1e-12), pytest.approx(want["t_minus"], abs=1e-12))
+    assert got[2].startswith("recomputed")
+    assert report.run_thresholds({}, [{"t_plus": "0.25", "t_minus": "-0.5"}], npz) == (0.25, -0.5, "tables/table4.csv")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated")  # a zip's magic, then nothing: a broken download
+    run = {"run_id": "r" * 32, "dataset": "dtd", "params": {}, "tags": {}}
+    assert report.comparison_page([run], {run["run_id"]: bad}, {}, tmp_path / "out", [], None) is None
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "no comparison page" in ln]
+    assert len(lines) == 1 and "BadZipFile" in lines[0] and "the figures and Table 4 stay" in lines[0]
 
 
 # --------------------------------------------------------------------------------------- through the report

@@ -66,8 +66,9 @@ def test_every_view_from_disk(tmp_path):
         b.wait("document.body.dataset.route === 'dataset'")
         assert b.eval("document.querySelector('h1').textContent") == f"Dataset {EVIL}"
         assert texts(b, "#specific a") == ["L2:0"]
-        b.eval("location.hash = '#/feature/99'")
-        b.wait("document.body.dataset.route === 'feature' && document.querySelector('h1').textContent === 'Not found'")
+        for bad in ("#/feature/99", "#/feature/0.5", "#/feature/", "#/dataset/-1", "#/dataset/1e0x", "#//x"):
+            b.eval(f"location.hash = {bad!r}")
+            b.wait(f"location.hash === {bad!r} && document.querySelector('h1').textContent === 'Not found'")
         # search: a class (hostile) and a feature and a dataset
         for query, group, want in (("</script>", "classes", ["</script><b>b0</b> in B"]),
                                    ("l2:1", "features", ["L2:1"]), ("onerror", "datasets", [EVIL])):

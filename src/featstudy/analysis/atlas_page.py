@@ -150,8 +150,8 @@ function featureView(j) {
     section("Classes described by absence (D < t-)"), classList(A.fneg[j], j, "feature-absence")];
 }
 
-var VIEWS = {"": indexView, "class": function (a) { return classView(Number(a)); }, "layer": layerView,
-             "feature": function (a) { return featureView(Number(a)); }};
+var VIEWS = {"": indexView, "class": function (a) { return classView(routeIndex(a, C)); }, "layer": layerView,
+             "feature": function (a) { return featureView(routeIndex(a, F)); }};
 var SEARCH = [["classes", A.classes, classLink], ["layers", A.layers.map(function (L) { return L.name; }),
   function (i) { return layerLink(A.layers[i].name); }], ["features", A.features, featureLink]];
 var TITLE = "atlas · " + A.dataset;

@@ -46,6 +46,10 @@ class CompareRun:
 def common_features(runs: list[CompareRun]) -> tuple[list[str], list[str], list[list[int]]]:
     """The features every run analysed, in the order of the run with most features (network order): their names,
     their layers, and for each run the row of each of them in that run's D."""
+    for r in runs:
+        if len(set(r.feature_names)) != len(r.feature_names):
+            twice = next(n for i, n in enumerate(r.feature_names) if n in r.feature_names[:i])
+            raise ValueError(f"{r.name}: feature {twice!r} comes twice; features are matched by name")
     longest = max(runs, key=lambda r: len(r.feature_names))
     rows = [{name: i for i, name in enumerate(r.feature_names)} for r in runs]
     names = [n for n in longest.feature_names if all(n in row for row in rows)]
@@ -65,8 +69,18 @@ def categories(described: np.ndarray) -> np.ndarray:
     return code
 
 
-def _round(x: np.ndarray, decimals: int = 4) -> list:
-    return [None if not np.isfinite(v) else round(float(v), decimals) for v in np.asarray(x, dtype=np.float64)]
+def extremes(d: np.ndarray) -> tuple[list, list, list, list]:
+    """Per row of ``d``: the largest finite D and its column, the smallest and its column (first on ties); None for a
+    row without a finite value (NaN is never a D)."""
+    finite = np.isfinite(d)
+    has = finite.any(axis=1)
+    hi, lo = np.where(finite, d, -np.inf), np.where(finite, d, np.inf)
+    ahi, alo = np.argmax(hi, axis=1), np.argmin(lo, axis=1)
+    rows = range(d.shape[0])
+    return ([round(float(hi[j, ahi[j]]), 4) if has[j] else None for j in rows],
+            [int(ahi[j]) if has[j] else None for j in rows],
+            [round(float(lo[j, alo[j]]), 4) if has[j] else None for j in rows],
+            [int(alo[j]) if has[j] else None for j in rows])
 
 
 def _top(col: np.ndarray, keep: np.ndarray, descending: bool, k: int) -> list:
@@ -91,22 +105,28 @@ def build_compare_data(runs: list[CompareRun], top_classes: int = 5, figures: li
     n_pos, n_neg, dmax, amax, dmin, amin, tpos, tneg, datasets = [], [], [], [], [], [], [], [], []
     described = np.zeros((len(runs), len(names)), dtype=bool)
     for s, (run, row) in enumerate(zip(runs, rows)):
-        d = np.asarray(run.d, dtype=np.float64)[np.asarray(row, dtype=np.int64)]
+        full = np.asarray(run.d, dtype=np.float64)
+        if full.ndim != 2 or full.shape[1] == 0 or full.shape[1] != len(run.classes):
+            raise ValueError(f"{run.name}: D of shape {full.shape} for {len(run.classes)} classes")
+        if not (np.isfinite(run.t_plus) and np.isfinite(run.t_minus)):
+            raise ValueError(f"{run.name}: thresholds t+ {run.t_plus}, t- {run.t_minus} are not finite")
+        d = full[np.asarray(row, dtype=np.int64)]
         pos, neg = d > run.t_plus, d < run.t_minus
         described[s] = (pos | neg).any(axis=1)
         n_pos.append(pos.sum(axis=1).tolist())
         n_neg.append(neg.sum(axis=1).tolist())
-        safe = np.nan_to_num(d, nan=0.0)
-        amax.append(np.argmax(safe, axis=1).tolist())
-        amin.append(np.argmin(safe, axis=1).tolist())
-        dmax.append(_round(safe.max(axis=1)))
-        dmin.append(_round(safe.min(axis=1)))
+        hi, ahi, lo, alo = extremes(d)
+        dmax.append(hi)
+        amax.append(ahi)
+        dmin.append(lo)
+        amin.append(alo)
         tpos.append([_top(d[j], pos[j], True, top_classes) for j in range(len(names))])
         tneg.append([_top(d[j], neg[j], False, top_classes) for j in range(len(names))])
         datasets.append({"name": run.name, "run_id": run.run_id, "classes": list(run.classes),
                          "t_plus": float(run.t_plus), "t_minus": float(run.t_minus), "model": run.model,
                          "weights": run.weights, "n_features": int(np.asarray(run.d).shape[0]),
-                         "kept": round(float((pos | neg).mean()), 6) if d.size else None,
+                         # over all the run's features (as its kept_fraction metric), not only those compared
+                         "kept": round(float(((full > run.t_plus) | (full < run.t_minus)).mean()), 6),
                          "described": int(described[s].sum())})
     code = categories(described)
     layer_rows = []

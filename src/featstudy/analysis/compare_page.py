@@ -102,8 +102,8 @@ function layerView(name) {
 }
 
 function datasetView(arg) {
-  var s = Number(arg);
-  if (!(s >= 0 && s < S) || arg === "") { return notFound(); }
+  var s = routeIndex(arg, S);
+  if (s < 0) { return notFound(); }
   var D = A.datasets[s], ul = el("ul", {cls: "cols", id: "classes"});
   D.classes.forEach(function (c) { ul.appendChild(el("li", {text: c})); });
   return [el("h1", {text: "Dataset " + D.name}),
@@ -126,16 +126,17 @@ function topList(flat, s) {
   return span;
 }
 
+function extreme(d, c, s) { return d === null ? "–" : sgn(d) + " (" + A.datasets[s].classes[c] + ")"; }
 function featureView(arg) {
-  var j = Number(arg);
-  if (!(j >= 0 && j < F) || arg === "") { return notFound(); }
+  var j = routeIndex(arg, F);
+  if (j < 0) { return notFound(); }
   var t = el("table", {id: "per-dataset"}, el("tr", null, el("th", {text: "dataset"}),
     el("th", {cls: "num", text: "# D > t+"}), el("th", {cls: "num", text: "# D < t-"}), el("th", {text: "max D"}),
     el("th", {text: "min D"}), el("th", {text: "top classes by presence"}), el("th", {text: "top classes by absence"})));
   A.datasets.forEach(function (D, s) {
     t.appendChild(el("tr", {"data-dataset": String(s)}, el("td", null, datasetLink(s)), num(A.n_pos[s][j]), num(A.n_neg[s][j]),
-      el("td", {cls: "pos", text: sgn(A.dmax[s][j]) + " (" + D.classes[A.amax[s][j]] + ")"}),
-      el("td", {cls: "neg", text: sgn(A.dmin[s][j]) + " (" + D.classes[A.amin[s][j]] + ")"}),
+      el("td", {cls: "pos", text: extreme(A.dmax[s][j], A.amax[s][j], s)}),
+      el("td", {cls: "neg", text: extreme(A.dmin[s][j], A.amin[s][j], s)}),
       el("td", {cls: "tpos"}, topList(A.tpos[s][j], s)), el("td", {cls: "tneg"}, topList(A.tneg[s][j], s))));
   });
   return [el("h1", {text: "Feature " + A.features[j]}), el("p", null, "layer ", layerLink(layerName(j))),

@@ -187,16 +187,17 @@ class ImageSource:
                     continue
                 square = _center_square(img, size, resize, interpolation)
                 pos = (peaks or {}).get((index[r], layer, channel))
-                cells.append(_thumb(square, None if pos is None else self._box(layer, pos, size, measured)))
+                cells.append(_thumb(square, None if pos is None else self._box(layer, pos, size, measured, measure)))
             out[name] = cells
         return out
 
-
     @staticmethod
-    def _box(layer: str, pos: tuple[int, int], size: int, measured: dict) -> tuple[int, int, int, int] | None:
+    def _box(layer: str, pos: tuple[int, int], size: int, measured: dict,
+             is_measured: bool) -> tuple[int, int, int, int] | None:
         """The receptive field of map position ``pos`` of ``layer`` on the ``size`` px square: measured for a timm or
-        open_clip node (:func:`featstudy.models.receptive_field.box`), VGG19's geometry otherwise (:func:`rf_box`)."""
-        if measured:
+        open_clip node (``is_measured``; :func:`featstudy.models.receptive_field.box`; None, the whole image, for a
+        node not measured), VGG19's geometry otherwise (:func:`rf_box`)."""
+        if is_measured:
             from featstudy.models.receptive_field import box
 
             return box(measured[layer], *pos) if layer in measured else None

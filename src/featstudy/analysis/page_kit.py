@@ -88,6 +88,10 @@ function kv(rows) {
   rows.forEach(function (r) { t.appendChild(el("tr", null, el("th", {text: r[0]}), el("td", null, r[1]))); });
   return t;
 }
+function routeIndex(arg, n) {  // the route's argument as an index in [0, n), else -1 ("", "0.5", "-1", "x")
+  var i = Number(arg);
+  return arg !== "" && Number.isInteger(i) && i >= 0 && i < n ? i : -1;
+}
 function notFound() { return [el("h1", {text: "Not found"}), el("p", null, link("", "back to the index"))]; }
 function figureList(files) {
   var ul = el("ul", {id: "figures"});
@@ -119,7 +123,7 @@ function route() {
   var h = (IN_BLOB ? current : location.hash).replace(/^#\/?/, "");
   try { h = decodeURIComponent(h); } catch (e) { h = "?"; }
   var parts = h.split("/"), kind = parts[0], arg = parts.slice(1).join("/");
-  var fn = Object.prototype.hasOwnProperty.call(VIEWS, kind) ? VIEWS[kind] : null;
+  var fn = (kind || !arg) && Object.prototype.hasOwnProperty.call(VIEWS, kind) ? VIEWS[kind] : null;
   var nodes = fn ? fn(arg) : notFound();
   view.textContent = "";
   nodes.forEach(function (n) { view.appendChild(n); });
