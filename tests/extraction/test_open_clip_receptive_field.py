@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from rf_recursion import cells_and_squares, kso, recursion
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -62,39 +63,21 @@ def _clip_file(tmp_path, name):
     return path, clip
 
 
-def _kso(m) -> tuple[int, int, int]:
-    first = (lambda v: v[0] if isinstance(v, (tuple, list)) else v)
-    return first(m.kernel_size), first(m.stride), first(m.padding)
-
-
 def _rn_paths(visual) -> dict[str, list[tuple[int, int, int]]]:
     """The longest path to each 4-D node of a ModifiedResNet: the stem's three 3x3 convs (``act3``), its 2x2
     avg-pool, then every Bottleneck's 3x3 conv and, in a strided block, the avg-pool after it (the 1x1 convs are per
     position; the shortcut's avg-pool reads a subset of the main path's pixels)."""
-    path = [_kso(visual.conv1), _kso(visual.conv2), _kso(visual.conv3)]
+    path = [kso(visual.conv1), kso(visual.conv2), kso(visual.conv3)]
     out = {"act3": list(path)}
-    path.append(_kso(visual.avgpool))
+    path.append(kso(visual.avgpool))
     for i in range(1, 5):
         for j, block in enumerate(getattr(visual, f"layer{i}")):
-            path.append(_kso(block.conv2))
+            path.append(kso(block.conv2))
             if isinstance(block.avgpool, torch.nn.AvgPool2d):
-                path.append(_kso(block.avgpool))
+                path.append(kso(block.avgpool))
             out[f"layer{i}.{j}.bn3"] = out[f"layer{i}.{j}"] = list(path)
         out[f"layer{i}"] = list(path)
     return out
-
-
-def recursion(path: list[tuple[int, int, int]], size: int, positions: int) -> np.ndarray:
-    """(positions, 2): [first, last + 1) input index read by each map position, clipped to the image, by the
-    recursion r += (k - 1) j, centre += ((k - 1) / 2 - p) j, j *= s (pixel i spans [i, i + 1))."""
-    r, j, centre = 1, 1, 0.5
-    for k, s, p in path:
-        r += (k - 1) * j
-        centre += ((k - 1) / 2 - p) * j
-        j *= s
-    lo = np.array([centre + y * j - r / 2 for y in range(positions)])
-    assert np.all(lo == np.round(lo))
-    return np.stack([np.clip(lo, 0, size), np.clip(lo + r, 0, size)], axis=1).astype(np.int64)
 
 
 # By hand, at 64 px (pixel i spans [i, i + 1); size r, jump j, centre c of position 0; box [c - r/2 + j y, + r)):
@@ -184,12 +167,12 @@ def test_timm_trunk_tower_rebuilt_from_meta_has_the_recursions_boxes(tmp_path):
         image_io.release_network()
     fields = image_io.measured_receptive_fields(SimpleNamespace(path=tmp_path / "emb"))
     trunk = open_clip.create_model(CX).visual.trunk
-    path = [_kso(trunk.stem[0])]
+    path = [kso(trunk.stem[0])]
     want = {}
     for i, stage in enumerate(trunk.stages[:2]):
-        path += [_kso(m) for m in stage.downsample.modules() if isinstance(m, torch.nn.Conv2d)]
+        path += [kso(m) for m in stage.downsample.modules() if isinstance(m, torch.nn.Conv2d)]
         for j, block in enumerate(stage.blocks):
-            path.append(_kso(block.conv_dw))
+            path.append(kso(block.conv_dw))
             want.setdefault(f"trunk.stages.{i}.blocks.{j}.mlp", list(path))
         want[f"trunk.stages.{i}"] = list(path)
     assert set(fields) == set(nodes) - {"head"}
@@ -241,24 +224,20 @@ def _cells_vs_independent(emb, image_folder, tmp_path, visual, features, size, r
                            T.CenterCrop(size)])
     to_input = T.Compose([T.ToTensor(), T.Normalize(*OPENAI)])
     cropped = 0
-    for feature in features:
-        node, channel = feature.rsplit(":", 1)[0], int(feature.rsplit(":", 1)[1])
-        column = np.array(emb.features[:, emb.feature_names.index(feature)])
-        for cell, row in zip(cells[feature], np.argsort(-column, kind="stable")[:2]):
-            square = square_of(Image.open(image_folder / emb.paths[row]).convert("RGB"))
-            with torch.no_grad():
-                visual(to_input(square).unsqueeze(0))
-            if grabbed[node].ndim != 4:
-                assert np.array_equal(cell, _thumb(square)), feature
-                continue
-            fmap = grabbed[node][0, channel].numpy()
-            top2 = np.sort(fmap.ravel())[-2:]
-            if top2[1] - top2[0] <= 1e-5 * max(1.0, abs(top2[1])):
-                continue  # no clear peak: any of the tied positions is right
-            y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
-            box = box_of(node, fmap.shape, y, x)
-            assert np.array_equal(cell, _thumb(square, box)), (feature, row, box)
-            cropped += int(box != (0, 0, size, size))
+    for feature, node, channel, cell, square in cells_and_squares(emb, cells, features, image_folder, square_of):
+        with torch.no_grad():
+            visual(to_input(square).unsqueeze(0))
+        if grabbed[node].ndim != 4:
+            assert np.array_equal(cell, _thumb(square)), feature
+            continue
+        fmap = grabbed[node][0, channel].numpy()
+        top2 = np.sort(fmap.ravel())[-2:]
+        if top2[1] - top2[0] <= 1e-5 * max(1.0, abs(top2[1])):
+            continue  # no clear peak: any of the tied positions is right
+        y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
+        box = box_of(node, fmap.shape, y, x)
+        assert np.array_equal(cell, _thumb(square, box)), (feature, box)
+        cropped += int(box != (0, 0, size, size))
     return cropped
 
 

@@ -12,22 +12,18 @@ import timm
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from rf_recursion import cells_and_squares, kso, recursion
 
 from featstudy.models.receptive_field import SpatialMaps, receptive_boxes
-
-
-def _kso(conv) -> tuple[int, int, int]:
-    first = (lambda v: v[0] if isinstance(v, (tuple, list)) else v)
-    return first(conv.kernel_size), first(conv.stride), first(conv.padding)
 
 
 def _resnet_paths(net) -> dict[str, list[tuple[int, int, int]]]:
     """The longest path of each stage of a timm ResNet: stem conv, max-pool, then every block's two 3x3 convs (the
     shortcut's 1x1 reads a subset)."""
-    path, out = [_kso(net.conv1), _kso(net.maxpool)], {}
+    path, out = [kso(net.conv1), kso(net.maxpool)], {}
     for i in range(1, 5):
         for block in getattr(net, f"layer{i}"):
-            path += [_kso(block.conv1), _kso(block.conv2)]
+            path += [kso(block.conv1), kso(block.conv2)]
         out[f"layer{i}"] = list(path)
     return out
 
@@ -35,28 +31,15 @@ def _resnet_paths(net) -> dict[str, list[tuple[int, int, int]]]:
 def _convnext_paths(net) -> dict[str, list[tuple[int, int, int]]]:
     """ConvNeXt: the patchify stem, each stage's downsampling conv and every block's depthwise conv (norms and the
     1x1 MLP are per position); ``stages.0.blocks.0.mlp`` runs channels-last (NHWC)."""
-    path, out = [_kso(net.stem[0])], {}
+    path, out = [kso(net.stem[0])], {}
     for i, stage in enumerate(net.stages):
-        path += [_kso(m) for m in stage.downsample.modules() if isinstance(m, torch.nn.Conv2d)]
+        path += [kso(m) for m in stage.downsample.modules() if isinstance(m, torch.nn.Conv2d)]
         for j, block in enumerate(stage.blocks):
-            path.append(_kso(block.conv_dw))
+            path.append(kso(block.conv_dw))
             if (i, j) == (0, 0):
                 out["stages.0.blocks.0.mlp"] = list(path)
         out[f"stages.{i}"] = list(path)
     return out
-
-
-def recursion(path: list[tuple[int, int, int]], size: int, positions: int) -> np.ndarray:
-    """(positions, 2): [first, last + 1) input index read by each map position, clipped to the image, by the
-    recursion r += (k - 1) j, centre += ((k - 1) / 2 - p) j, j *= s (pixel i spans [i, i + 1))."""
-    r, j, centre = 1, 1, 0.5
-    for k, s, p in path:
-        r += (k - 1) * j
-        centre += ((k - 1) / 2 - p) * j
-        j *= s
-    lo = np.array([centre + y * j - r / 2 for y in range(positions)])
-    assert np.all(lo == np.round(lo))  # a union of whole pixels
-    return np.stack([np.clip(lo, 0, size), np.clip(lo + r, 0, size)], axis=1).astype(np.int64)
 
 
 @pytest.mark.parametrize("arch, paths, layout", [
@@ -162,24 +145,20 @@ def test_figures_crop_timm_maps_to_their_receptive_fields(tmp_path, image_folder
         return np.asarray(img.resize((96, 96), Image.Resampling.BILINEAR))
 
     cropped = 0
-    for feature in features:
-        node, channel = feature.rsplit(":", 1)[0], int(feature.rsplit(":", 1)[1])
-        column = np.array(emb.features[:, emb.feature_names.index(feature)])
-        for cell, row in zip(cells[feature], np.argsort(-column, kind="stable")[:2]):
-            square = square_of(Image.open(image_folder / emb.paths[row]).convert("RGB"))
-            if node == "head.flatten":
-                assert np.array_equal(cell, thumb(square)), feature
-                continue
-            with torch.no_grad():
-                net(to_input(square).unsqueeze(0))
-            fmap = grabbed[node][0, channel].numpy()
-            top2 = np.sort(fmap.ravel())[-2:]
-            if top2[1] - top2[0] <= 1e-5 * max(1.0, abs(top2[1])):
-                continue  # no clear peak: any of the tied positions is right
-            y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
-            rows = recursion(paths[node], 64, fmap.shape[0])
-            cols = recursion(paths[node], 64, fmap.shape[1])
-            box = (rows[y, 0], cols[x, 0], rows[y, 1], cols[x, 1])
-            assert np.array_equal(cell, thumb(square, box)), (feature, row, box)
-            cropped += int(box != (0, 0, 64, 64))
+    for feature, node, channel, cell, square in cells_and_squares(emb, cells, features, image_folder, square_of):
+        if node == "head.flatten":
+            assert np.array_equal(cell, thumb(square)), feature
+            continue
+        with torch.no_grad():
+            net(to_input(square).unsqueeze(0))
+        fmap = grabbed[node][0, channel].numpy()
+        top2 = np.sort(fmap.ravel())[-2:]
+        if top2[1] - top2[0] <= 1e-5 * max(1.0, abs(top2[1])):
+            continue  # no clear peak: any of the tied positions is right
+        y, x = np.unravel_index(int(np.argmax(fmap)), fmap.shape)
+        rows = recursion(paths[node], 64, fmap.shape[0])
+        cols = recursion(paths[node], 64, fmap.shape[1])
+        box = (rows[y, 0], cols[x, 0], rows[y, 1], cols[x, 1])
+        assert np.array_equal(cell, thumb(square, box)), (feature, box)
+        cropped += int(box != (0, 0, 64, 64))
     assert cropped >= 4  # real crops, not whole images
