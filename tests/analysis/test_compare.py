@@ -82,6 +82,17 @@ def test_many_tied_classes_list_the_lowest_indices():
     assert data["tpos"][0][0][::2] == [0, 1, 2, 3, 4] and data["tneg"][0][0][::2] == [40, 41, 42, 43, 44]
 
 
+def test_interleaved_ties_list_the_lowest_class_indices():
+    """258 classes of three values in random order: an unstable sort (numpy's default quicksort) reorders ties."""
+    x = np.random.default_rng(0).choice([0.5, 0.6, 0.7], size=258)
+    d = np.stack([x, -x])
+    run = CompareRun("X", "rx", d, ["L:0", "L:1"], ["L", "L"], [f"x{i}" for i in range(258)], 0.4, -0.4)
+    data = build_compare_data([run])
+    top = [c for c in range(258) if x[c] == 0.7][:5]
+    assert data["tpos"][0][0] == [v for c in top for v in (c, 0.7)]
+    assert data["tneg"][0][1] == [v for c in top for v in (c, -0.7)]
+
+
 def test_top_classes_caps_and_breaks_ties_by_class_index():
     d = np.array([[0.5, 0.7, 0.7, 0.6, -0.9, -0.9]])
     run = CompareRun("X", "rx", d, ["L:0"], ["L"], [f"x{i}" for i in range(6)], 0.4, -0.4)
@@ -138,6 +149,8 @@ def test_random_runs_against_loops(seed):
         for f in range(f_count):
             above = sorted([(-v, c) for c, v in enumerate(d[f]) if v > tp])[:5]
             assert data["tpos"][s][f] == [x for v, c in above for x in (c, round(-v, 4))]
+            below = sorted([(v, c) for c, v in enumerate(d[f]) if v < tm])[:5]
+            assert data["tneg"][s][f] == [x for v, c in below for x in (c, round(v, 4))]
 
 
 def test_page_escapes_hostile_names_and_reads_back(tmp_path):
@@ -156,16 +169,19 @@ def test_page_escapes_hostile_names_and_reads_back(tmp_path):
 
 
 def test_nan_d_is_not_a_description_nor_an_extreme_and_stays_valid_json():
-    d = np.array([[np.nan, 0.8], [np.nan, np.nan], [-0.5, np.nan]])
-    data = build_compare_data([CompareRun("X", "r", d, ["L:0", "L:1", "L:2"], ["L"] * 3, ["a", "b"], 0.5, -0.45)])
-    assert data["n_pos"] == [[1, 0, 0]] and data["n_neg"] == [[0, 0, 1]] and data["category"] == [0, -1, 0]
-    assert data["dmax"] == [[0.8, None, -0.5]] and data["amax"] == [[1, None, 0]]
-    assert data["dmin"] == [[0.8, None, -0.5]] and data["amin"] == [[1, None, 0]]
+    d = np.array([[np.nan, 0.8], [np.nan, np.nan], [-0.5, np.nan], [0.123456, -0.654321]])
+    data = build_compare_data([CompareRun("X", "r", d, ["L:0", "L:1", "L:2", "L:3"], ["L"] * 4, ["a", "b"], 0.5,
+                                          -0.45)])
+    assert data["n_pos"] == [[1, 0, 0, 0]] and data["n_neg"] == [[0, 0, 1, 1]] and data["category"] == [0, -1, 0, 0]
+    assert data["dmax"] == [[0.8, None, -0.5, 0.1235]] and data["amax"] == [[1, None, 0, 0]]
+    assert data["dmin"] == [[0.8, None, -0.5, -0.6543]] and data["amin"] == [[1, None, 0, 1]]
+    assert data["tneg"] == [[[], [], [0, -0.5], [1, -0.6543]]]  # D to 4 decimals
     json.dumps(data, allow_nan=False)
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"feature_names": ["L:0", "L:0"]}, "'L:0' comes twice"),
+    ({"feature_names": ["L:1", "L:0", "L:0"], "layer_of_feature": ["L"] * 3, "d": np.zeros((3, 2))},
+     "'L:0' comes twice"),
     ({"d": np.zeros((2, 0)), "classes": []}, "shape (2, 0)"),
     ({"d": np.zeros((2, 3))}, "for 2 classes"),
     ({"t_plus": float("nan")}, "not finite"),
@@ -216,6 +232,12 @@ def test_report_writes_and_logs_the_page_with_table4_thresholds(store, tmp_path,
     code = {"none": -1, "some": -2, "shared": -3}
     assert data["category"] == [code.get(c, c) for c in loop_oracle(specs)]
     assert data["figures"] == ["figures/fig5.png", "figures/fig6.png"]
+    assert data["top_classes"] == 5  # the report's default: 5 classes a side, by the loops
+    for s, run in enumerate(picked):
+        tp = float(run.row["t_plus"])
+        for f in range(len(data["features"])):
+            above = sorted([(-v, c) for c, v in enumerate(run.d[f]) if v > tp])[:5]
+            assert data["tpos"][s][f] == [x for v, c in above for x in (c, round(-v, 4))]
     report_run = find_report_run(store, tmp_path)
     assert data["run_id"] == report_run.info.run_id
     logged = {a.path for a in store.client.list_artifacts(report_run.info.run_id, "atlas")}
