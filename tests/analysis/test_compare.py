@@ -240,6 +240,10 @@ def test_report_writes_and_logs_the_page_with_table4_thresholds(store, tmp_path,
             assert data["tpos"][s][f] == [x for v, c in above for x in (c, round(-v, 4))]
     report_run = find_report_run(store, tmp_path)
     assert data["run_id"] == report_run.info.run_id
+    from importlib.metadata import version
+
+    assert report_run.info.run_name == "report: mit67, flowers102"
+    assert report_run.data.tags["featstudy.version"] == version("featstudy")
     logged = {a.path for a in store.client.list_artifacts(report_run.info.run_id, "atlas")}
     assert logged == {"atlas/index.html"}
 
