@@ -183,10 +183,10 @@ def check_comparable(runs: list[dict], allow_mixed: bool) -> None:
                                  "--allow-mixed")
 
 
-def run_thresholds(run: dict, rows: list[dict], npz: Path) -> tuple[float, float, str] | None:
-    """A run's (t+, t-, where from): its ``tables/table4.csv`` row; else recomputed from ``arrays/ks.npz``'s d and
-    d_random (:func:`featstudy.stats.thresholds`, Eq. 4) on the run's grid step (param
-    ``analysis.threshold_step``, 0.001 when absent); None when neither is there."""
+def run_thresholds(run: dict, rows: list[dict], ks) -> tuple[float, float, str] | None:
+    """A run's (t+, t-, where from): its ``tables/table4.csv`` row; else recomputed from ``ks`` (its
+    ``arrays/ks.npz``, opened: d and d_random are read only then) by :func:`featstudy.stats.thresholds` (Eq. 4) on
+    the run's grid step (param ``analysis.threshold_step``, 0.001 when absent); None when neither is there."""
     import math
 
     for row in rows:
@@ -196,26 +196,23 @@ def run_thresholds(run: dict, rows: list[dict], npz: Path) -> tuple[float, float
             continue
         if math.isfinite(t_plus) and math.isfinite(t_minus):  # "nan" / "inf" parse, but are no thresholds
             return t_plus, t_minus, "tables/table4.csv"
-    import numpy as np
-
     from featstudy import stats
 
-    with np.load(npz, allow_pickle=False) as z:
-        if "d_random" not in z.files:
-            return None
-        step = float(run.get("params", {}).get("analysis.threshold_step") or 0.001)
-        th = stats.thresholds(z["d"], z["d_random"], step=step)
+    if "d_random" not in ks.files:
+        return None
+    step = float(run.get("params", {}).get("analysis.threshold_step") or 0.001)
+    th = stats.thresholds(ks["d"], ks["d_random"], step=step)
     return float(th.t_plus), float(th.t_minus), f"recomputed from arrays/ks.npz (step {step:g})"
 
 
-def comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[str, list[dict]], out: Path,
-                    files: list[Path], run_id: str | None) -> Path | None:
+def comparison_page(runs: list[dict], arrays: dict[str, dict], npz_paths: dict[str, Path],
+                    tables: dict[str, list[dict]], out: Path, files: list[Path], run_id: str | None) -> Path | None:
     """Write the cross-dataset page ``out/atlas/index.html`` (:mod:`featstudy.analysis.compare`) and return it;
     None, with one line saying why, when it cannot be made (a run without feature names or thresholds, no feature
     in common, a folder that cannot be written, arrays that do not fit). Figures and Table 4 stay whatever happens
     here."""
     try:
-        return _comparison_page(runs, npz_paths, tables, out, files, run_id)
+        return _comparison_page(runs, arrays, npz_paths, tables, out, files, run_id)
     except OSError as exc:
         why = f"{exc.strerror or type(exc).__name__}: {exc.filename or out / 'atlas'}"
     except Exception as exc:  # noqa: BLE001 - e.g. a corrupt npz, d_random not shaped as d: the rest is kept
@@ -224,17 +221,19 @@ def comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[s
     return None
 
 
-def _comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[str, list[dict]], out: Path,
-                     files: list[Path], run_id: str | None) -> Path | None:
+def _comparison_page(runs: list[dict], arrays: dict[str, dict], npz_paths: dict[str, Path],
+                     tables: dict[str, list[dict]], out: Path, files: list[Path], run_id: str | None) -> Path | None:
+    """:func:`comparison_page`: each run's ``arrays/ks.npz`` opened once, its d and layers as :func:`main` read
+    them (``arrays``)."""
     import numpy as np
 
-    from featstudy.analysis.compare import CompareRun, write_compare_page
+    from featstudy.analysis.compare import CompareRun, common_features, write_compare_page
 
     compared = []
     for run, name in zip(runs, _display_names(runs)):
         where = f"run {run['run_id']} ({run['dataset']})"
-        th = run_thresholds(run, tables.get(run["run_id"]) or [], npz_paths[run["run_id"]])
         with np.load(npz_paths[run["run_id"]], allow_pickle=False) as z:
+            th = run_thresholds(run, tables.get(run["run_id"]) or [], z)
             missing = [k for k in ("feature_names", "classes") if k not in z.files]
             if missing or th is None:
                 why = f"arrays/ks.npz lacks {', '.join(missing)}" if missing else \
@@ -243,13 +242,13 @@ def _comparison_page(runs: list[dict], npz_paths: dict[str, Path], tables: dict[
                       flush=True)
                 return None
             s = run_settings(run)
-            compared.append(CompareRun(name, run["run_id"], z["d"], z["feature_names"].astype(str).tolist(),
-                                       z["layer_of_feature"].astype(str).tolist(), z["classes"].astype(str).tolist(),
+            a = arrays[run["run_id"]]
+            compared.append(CompareRun(name, run["run_id"], a["d"], z["feature_names"].astype(str).tolist(),
+                                       a["layer_of_feature"].astype(str).tolist(), z["classes"].astype(str).tolist(),
                                        th[0], th[1], model=s["model"], weights=s["weights"]))
         if th[2] != "tables/table4.csv":
             print(f"[featstudy.report] {where}: t+ {th[0]:g}, t- {th[1]:g} {th[2]}", flush=True)
-    names = set(compared[0].feature_names).intersection(*(r.feature_names for r in compared[1:]))
-    if not names:
+    if not common_features(compared)[0]:
         print("[featstudy.report] no comparison page: the runs have no feature in common", flush=True)
         return None
     figures = sorted(str(f.relative_to(out)) for f in files if f.suffix == ".png" and f.parent.name == "figures")
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                                  None if args.width == "free" else args.width)
             tracker = None if args.no_log else _report_tracker(args, runs, out)
             try:
-                page = comparison_page(runs, npz_paths, tables, out, files,
+                page = comparison_page(runs, arrays, npz_paths, tables, out, files,
                                        tracker.run_id if tracker is not None else None)
             except BaseException:
                 if tracker is not None:

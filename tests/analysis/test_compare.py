@@ -197,19 +197,23 @@ def test_nonfinite_table_thresholds_are_recomputed_and_a_bad_npz_is_one_line(tmp
     from featstudy import report
 
     rng = np.random.default_rng(5)
-    d, d_random = np.round(rng.uniform(-1, 1, (6, 3)), 2), np.round(rng.uniform(-0.5, 0.5, (2, 6, 3)), 2)
+    d, d_random = np.round(rng.uniform(-1, 1, (6, 3)), 3), np.round(rng.uniform(-0.5, 0.5, (2, 6, 3)), 3)
     npz = tmp_path / "ks.npz"
     np.savez(npz, d=d, d_random=d_random)
     want = oracle_thresholds(d, d_random, step=0.01)
-    got = report.run_thresholds({"params": {"analysis.threshold_step": "0.01"}},
-                                [{"t_plus": "nan", "t_minus": "-inf"}], npz)
+    assert want["t_plus"] != oracle_thresholds(d, d_random)["t_plus"]  # the run's step matters here
+    with np.load(npz) as ks:
+        got = report.run_thresholds({"params": {"analysis.threshold_step": "0.01"}},
+                                    [{"t_plus": "nan", "t_minus": "-inf"}], ks)
+        from_table = report.run_thresholds({}, [{"t_plus": "0.25", "t_minus": "-0.5"}], ks)
     assert got[:2] == (pytest.approx(want["t_plus"], abs=1e-12), pytest.approx(want["t_minus"], abs=1e-12))
     assert got[2].startswith("recomputed")
-    assert report.run_thresholds({}, [{"t_plus": "0.25", "t_minus": "-0.5"}], npz) == (0.25, -0.5, "tables/table4.csv")
+    assert from_table == (0.25, -0.5, "tables/table4.csv")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 truncated")  # a zip's magic, then nothing: a broken download
     run = {"run_id": "r" * 32, "dataset": "dtd", "params": {}, "tags": {}}
-    assert report.comparison_page([run], {run["run_id"]: bad}, {}, tmp_path / "out", [], None) is None
+    arrays = {run["run_id"]: {"d": d, "layer_of_feature": np.array(["L"] * 6)}}
+    assert report.comparison_page([run], arrays, {run["run_id"]: bad}, {}, tmp_path / "out", [], None) is None
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "no comparison page" in ln]
     assert len(lines) == 1 and "BadZipFile" in lines[0] and "the figures and Table 4 stay" in lines[0]
 
@@ -300,3 +304,20 @@ def test_a_page_that_cannot_be_written_is_one_line_and_the_rest_stays(store, tmp
     rep = find_report_run(store, tmp_path)
     assert rep.info.status == "FINISHED"
     assert store.client.list_artifacts(rep.info.run_id, "atlas") == []
+
+
+def test_runs_without_a_common_feature_get_no_page(tmp_path, capsys):
+    from featstudy import report
+
+    runs, arrays, paths = [], {}, {}
+    for i, prefix in enumerate(("conv5_4", "layer4")):  # e.g. VGG19 against a ResNet with --allow-mixed
+        run = {"run_id": str(i) * 32, "dataset": f"ds{i}", "params": {}, "tags": {}}
+        names = np.array([f"{prefix}:{j}" for j in range(3)])
+        paths[run["run_id"]] = tmp_path / f"{i}.npz"
+        np.savez(paths[run["run_id"]], d=np.full((3, 2), 0.9), feature_names=names, classes=np.array(["a", "b"]))
+        arrays[run["run_id"]] = {"d": np.full((3, 2), 0.9), "layer_of_feature": np.array([prefix] * 3)}
+        runs.append(run)
+    tables = {run["run_id"]: [{"t_plus": "0.5", "t_minus": "-0.5"}] for run in runs}
+    assert report.comparison_page(runs, arrays, paths, tables, tmp_path / "out", [], None) is None
+    assert "no feature in common" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "atlas").exists()

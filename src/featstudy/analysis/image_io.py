@@ -106,9 +106,21 @@ def release_network() -> None:
         torch.cuda.empty_cache()
 
 
+def _source_of(meta: dict) -> str:
+    return str(((meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision"))
+
+
 def model_source(emb: Embedding) -> str:
     """The embedding's model source (``torchvision``, ``timm``, ``open_clip``) from its key fields."""
-    return str(((emb.meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision"))
+    return _source_of(emb.meta)
+
+
+def _crops_of(meta: dict) -> tuple[int, int, str]:
+    """(resize, size, interpolation) of a meta's crops: the size defaults to 224, the resize to the size, the
+    interpolation to ``bilinear`` (metas of bilinear crops, and every meta written before it was a setting)."""
+    crops = meta.get("crops") or {}
+    size = int(crops.get("size", 224))
+    return int(crops.get("resize") or size), size, str(crops.get("interpolation", "bilinear"))
 
 
 #: the sources whose 4-D nodes get measured receptive fields (:class:`featstudy.models.receptive_field.SpatialMaps`)
@@ -140,21 +152,18 @@ def _spec_of(meta: dict, source: str) -> Any:
         weights = meta.get("weights")
     else:
         weights = meta.get("weights_path") or meta.get("weights")
-    if source == "open_clip":  # the image tower alone, from open_clip's architecture config of the recorded name
-        from featstudy.models.open_clip_source import OpenClipModel
-
+    if source in MEASURED:
         fields = (meta.get("key_fields") or {}).get("model") or {}
-        return OpenClipModel(name=fields.get("name", meta.get("model")), nodes=list((meta.get("nodes") or {}).keys()),
-                             token_pooling=fields.get("token_pooling", "cls"), weights=weights,
-                             seed=meta.get("weights_seed") or 0, preprocessing=meta.get("preprocessing"))
-    if source == "timm":
+        common = {"name": fields.get("name", meta.get("model")), "nodes": list((meta.get("nodes") or {}).keys()),
+                  "token_pooling": fields.get("token_pooling", "cls"), "weights": weights,
+                  "seed": meta.get("weights_seed") or 0, "preprocessing": meta.get("preprocessing")}
+        if source == "open_clip":  # the image tower alone, from open_clip's architecture config of the recorded name
+            from featstudy.models.open_clip_source import OpenClipModel
+
+            return OpenClipModel(**common)
         from featstudy.models.timm_source import TimmModel
 
-        fields = (meta.get("key_fields") or {}).get("model") or {}
-        return TimmModel(name=fields.get("name", meta.get("model")), nodes=list((meta.get("nodes") or {}).keys()),
-                         token_pooling=fields.get("token_pooling", "cls"), weights=weights,
-                         seed=meta.get("weights_seed") or 0, preprocessing=meta.get("preprocessing"),
-                         kwargs=fields.get("kwargs"))
+        return TimmModel(**common, kwargs=fields.get("kwargs"))
     name = meta.get("model", "vgg19")
     return models.TorchvisionModel(name=name, weights=weights, seed=meta.get("weights_seed") or 0,
                                    preprocessing=meta.get("preprocessing", "torchvision"),
@@ -170,7 +179,7 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
     import json
 
     meta = json.loads((Path(emb_path) / "meta.json").read_text(encoding="utf-8"))
-    source = ((meta.get("key_fields") or {}).get("model") or {}).get("source", "torchvision")
+    source = _source_of(meta)
     if source not in ("torchvision", *MEASURED):
         log.info("figures: receptive fields are drawn for torchvision, timm and open_clip models; %s is a %s model",
                  meta.get("model"), source)
@@ -180,8 +189,7 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
         from featstudy.transforms import CropSpec, ImageTransform
 
         ms = _spec_of(meta, source)
-        crops = meta.get("crops") or {}
-        size = int(crops.get("size", 224))
+        resize, size, interpolation = _crops_of(meta)
         model, _, _ = models.build(ms, str(meta.get("pooling", "avg")), size)
         if source in MEASURED:
             from featstudy.models.receptive_field import SpatialMaps, receptive_boxes
@@ -191,10 +199,8 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
         else:
             model = model.body
         model = model.to(device)  # only to locate peaks for the figures; the numbers come from the embedding
-        resize = crops.get("resize") or size
-        interpolation = str(crops.get("interpolation", "bilinear"))  # absent from metas of bilinear crops
-        transform = ImageTransform(CropSpec("center", int(resize), size, interpolation), ms.preprocessing)
-        return model, transform, size, int(resize)
+        transform = ImageTransform(CropSpec("center", resize, size, interpolation), ms.preprocessing)
+        return model, transform, size, resize
     except Exception as exc:  # noqa: BLE001 - e.g. pretrained weights not in the local cache
         log.warning("figures: cannot rebuild the network (%s); showing whole images instead of receptive fields",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -203,15 +209,13 @@ def _network(emb_path: str, device: str = "cpu") -> Any | None:
 
 def centre_crop_geometry(emb: Embedding) -> tuple[int, int]:
     """(resize, size) of the centre crop the receptive fields refer to."""
-    crops = emb.meta.get("crops") or {}
-    size = int(crops.get("size", 224))
-    return int(crops.get("resize") or size), size
+    return _crops_of(emb.meta)[:2]
 
 
 def crop_interpolation(emb: Embedding) -> str:
     """The extraction's ``crops.interpolation``, with which the figures resize too: ``bilinear`` when the meta
     names none (metas of bilinear crops, and every meta written before it was a setting)."""
-    return str((emb.meta.get("crops") or {}).get("interpolation", "bilinear"))
+    return _crops_of(emb.meta)[2]
 
 
 def peak_positions(emb: Embedding, images: list[Any], requests: list[tuple[int, str, int]],

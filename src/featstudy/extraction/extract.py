@@ -113,9 +113,8 @@ def extract(cfg, p: Plan, decision=None) -> None:
         "layers": list(channels),
         "n_features": n_features,
         "n_features_per_layer": channels,
-        # interpolation only when not bilinear, as in the key: metas written before it was a setting still match
-        "crops": {"name": p.crops.name, "resize": p.crops.resize, "size": p.crops.size, "n_crops": p.crops.n_crops,
-                  **({"interpolation": p.crops.interpolation} if p.crops.interpolation != "bilinear" else {})},
+        # the key's fields (interpolation only when not bilinear: metas written before it was a setting still match)
+        "crops": {**p.crops.key_fields(), "n_crops": p.crops.n_crops},
         "pooling": p.pooling,
         "preprocessing": p.model.preprocessing,
         "precision": p.precision,
